@@ -1,0 +1,420 @@
+"""model.py: parity with diffusers' WanTransformer3DModel in every checkpoint format, official parameter counts,
+streaming == block-causal forward, window / sink / EMA-sink cache geometry, and clear errors. CPU, fp32 + SDPA."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import KVCache, WanConfig, WanModel, load_wan_weights, rope_axis_dims, save_wan_weights
+
+TEXT_DIM, TEXT_LEN, LATENT_C = 12, 8, 4
+
+
+def tiny_config(dim=40, num_heads=2, num_layers=2) -> WanConfig:
+    return WanConfig(dim=dim, ffn_dim=56, num_heads=num_heads, num_layers=num_layers, in_dim=LATENT_C,
+                     out_dim=LATENT_C, text_dim=TEXT_DIM, text_len=TEXT_LEN, freq_dim=16)
+
+
+def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+    """Seeded normal weights everywhere (also the zero-initialised head and biases)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def inputs(frames=6, h=4, w=6, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, frames, LATENT_C, h, w, generator=gen)
+    t = torch.rand(batch, frames, generator=gen) * 1000
+    ctx = torch.randn(batch, TEXT_LEN - 3, TEXT_DIM, generator=gen)  # shorter than text_len: exercises zero padding
+    return x, t, ctx
+
+
+@pytest.fixture(scope="module")
+def student():
+    return randomize(WanModel(tiny_config(dim=48, num_heads=2), causal=True, chunk_frames=2), seed=1)
+
+
+def stream(net, x, t, ctx, cache):
+    k = net.chunk_frames
+    return torch.cat([net(x[:, s:s + k], t[:, s:s + k], ctx, cache=cache, write_cache=True)
+                      for s in range(0, x.shape[1], k)], dim=1)
+
+
+# ---------------------------------------------------------------- parity with diffusers in every checkpoint format
+
+def diffusers_to_original(sd: dict) -> dict:
+    """REFERENCE §2.8 table, written out independently of model.py."""
+    plain = {"condition_embedder.text_embedder.linear_1": "text_embedding.0",
+             "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+             "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+             "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+             "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head",
+             "scale_shift_table": "head.modulation", "patch_embedding": "patch_embedding"}
+    block = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+             "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+             "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+             "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+             "norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2", "scale_shift_table": "modulation"}
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("blocks."):
+            _, n, rest = key.split(".", 2)
+            module, _, leaf = rest.rpartition(".") if rest != "scale_shift_table" else (rest, "", "")
+            out[f"blocks.{n}.{block[module]}" + (f".{leaf}" if leaf else "")] = value
+        else:
+            module, _, leaf = key.rpartition(".") if key != "scale_shift_table" else (key, "", "")
+            out[plain[module] + (f".{leaf}" if leaf else "")] = value
+    return out
+
+
+@pytest.mark.parametrize("dim,num_heads", [(40, 2), (42, 3)])  # head_dim 20 -> t/h/w 8/6/6; 14 -> 6/4/4 (uneven)
+def test_matches_diffusers_in_every_checkpoint_format(tmp_path, dim, num_heads):
+    from diffusers import WanTransformer3DModel
+
+    cfg = tiny_config(dim=dim, num_heads=num_heads)
+    assert rope_axis_dims(cfg.head_dim)[0] != rope_axis_dims(cfg.head_dim)[1]
+    ref = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=num_heads,
+                                attention_head_dim=cfg.head_dim, in_channels=LATENT_C, out_channels=LATENT_C,
+                                text_dim=TEXT_DIM, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+                                num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                eps=cfg.eps, rope_max_seq_len=1024)
+    randomize(ref, seed=2).eval()
+    x, t, ctx = inputs(frames=3, h=6, w=8)  # odd latent grid 3 x 3 x 4 tokens
+    padded = torch.nn.functional.pad(ctx, (0, 0, 0, TEXT_LEN - ctx.shape[1]))  # Wan pads, diffusers takes as given
+    tokens_per_frame = (x.shape[3] // 2) * (x.shape[4] // 2)
+    with torch.no_grad():
+        want_b = ref(x.transpose(1, 2), t[:, 0], padded).sample.transpose(1, 2)
+        want_bf = ref(x.transpose(1, 2), t.repeat_interleave(tokens_per_frame, dim=1), padded).sample.transpose(1, 2)
+
+    diff_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    orig_sd = diffusers_to_original(diff_sd)
+    ref.save_pretrained(tmp_path / "diffusers_folder")
+    ref.save_pretrained(tmp_path / "diffusers_sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "diffusers_sharded").glob("*.safetensors"))) > 1
+    save_file(diff_sd, tmp_path / "diffusers.safetensors")
+    save_file(orig_sd, tmp_path / "wan.safetensors")
+    save_file({"model.diffusion_model." + k: v for k, v in orig_sd.items()}, tmp_path / "comfy.safetensors")
+    shard_dir = tmp_path / "wan_sharded"
+    shard_dir.mkdir()
+    keys = sorted(orig_sd)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    for name, names in shards.items():
+        save_file({k: orig_sd[k] for k in names}, shard_dir / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
+    (shard_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    wrong = {"model." + k: v + 1.0 for k, v in orig_sd.items()}  # a decoy non-EMA generator
+    torch.save({"generator": wrong, "generator_ema": {"model." + k: v for k, v in orig_sd.items()},
+                "critic": wrong}, tmp_path / "self_forcing.pt")
+    torch.save({"model._fsdp_wrapped_module." + k: v for k, v in orig_sd.items()}, tmp_path / "flat.pt")
+
+    sources = {"diffusers folder": tmp_path / "diffusers_folder", "diffusers sharded": tmp_path / "diffusers_sharded",
+               "diffusers file": tmp_path / "diffusers.safetensors", "wan file": tmp_path / "wan.safetensors",
+               "wan sharded dir": shard_dir,
+               "wan index json": shard_dir / "diffusion_pytorch_model.safetensors.index.json",
+               "comfyui": tmp_path / "comfy.safetensors",
+               "self-forcing .pt (EMA default)": tmp_path / "self_forcing.pt",
+               "flat .pt": tmp_path / "flat.pt", "in-memory diffusers dict": diff_sd}
+    sources["causal student from wan file"] = tmp_path / "wan.safetensors"  # one chunk of 3 frames: same output
+    for name, src in sources.items():
+        net = WanModel(cfg, causal=True, chunk_frames=3) if "causal" in name else WanModel(cfg)
+        load_wan_weights(net, src)
+        with torch.no_grad():
+            err_b, err_bf = rel_err(net(x, t[:, 0], ctx), want_b), rel_err(net(x, t, ctx), want_bf)
+        assert err_b <= 1e-4 and err_bf <= 1e-4, f"{name}: rel err [B] {err_b:.2e}, [B,F] {err_bf:.2e}"
+
+    net = WanModel(cfg)
+    load_wan_weights(net, tmp_path / "self_forcing.pt", which="generator")
+    with torch.no_grad():
+        assert rel_err(net(x, t, ctx), want_bf) > 1e-2, "which='generator' must load the generator entry, not the EMA"
+    save_wan_weights(net, tmp_path / "ours.safetensors")
+    again = WanModel(cfg)
+    load_wan_weights(again, tmp_path / "ours.safetensors")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), f"save/load round trip changed {k}"
+    assert not list(tmp_path.glob("ours.safetensors.tmp*")), "atomic save left its temp file"
+
+
+def test_official_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        small, large = WanModel(WanConfig.wan_1_3b()), WanModel(WanConfig.wan_14b())
+    n_small = sum(p.numel() for p in small.parameters())
+    n_large = sum(p.numel() for p in large.parameters())
+    assert (n_small, len(small.state_dict())) == (1_418_996_800, 825), (n_small, len(small.state_dict()))
+    assert (n_large, len(large.state_dict())) == (14_288_491_584, 1_095), (n_large, len(large.state_dict()))
+
+
+def test_per_frame_timesteps_equal_per_sample_when_constant(student):
+    x, t, ctx = inputs()
+    t_const = t[:, :1].expand_as(t)
+    with torch.no_grad():
+        err = rel_err(student(x, t_const, ctx), student(x, t[:, 0], ctx))
+    assert err <= 1e-6, f"[B,F] timesteps with equal frames differ from [B] by {err:.2e}"
+
+
+def test_meta_built_model_loads_weights_and_runs(student):
+    with torch.device("meta"):
+        net = WanModel(student.cfg, causal=True, chunk_frames=2)
+    load_wan_weights(net, student.state_dict())
+    x, t, ctx = inputs(frames=4)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in net.parameters())
+    with torch.no_grad():
+        assert torch.equal(net(x, t, ctx), student(x, t, ctx)), "meta-built model differs after loading"
+
+
+def test_bf16_autocast_keeps_fp32_islands(student):
+    """Official precision mode (REFERENCE §2.6), CPU bf16 autocast: time MLP and head in fp32, output ~1e-2 of fp32."""
+    x, t, ctx = inputs(frames=4)
+    seen = {}
+    net = copy.deepcopy(student)
+    for name, m in [("time", net.time_projection), ("head", net.head.head), ("q", net.blocks[0].self_attn.q)]:
+        m.register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.dtype}))
+    with torch.no_grad():
+        want = student(x, t, ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = net(x, t, ctx)
+    assert seen == {"time": torch.float32, "head": torch.float32, "q": torch.bfloat16}, seen
+    assert got.dtype == torch.float32 and rel_err(got, want) < 2e-2, f"bf16 autocast rel err {rel_err(got, want):.2e}"
+
+
+# ---------------------------------------------------------------- streaming vs full block-causal forward
+
+@pytest.mark.parametrize("rope", ["relative", "absolute"])
+def test_streaming_equals_block_causal_forward(student, rope):
+    x, t, ctx = inputs(frames=6)
+    with torch.no_grad():
+        full = student(x, t, ctx)
+        streamed = stream(student, x, t, ctx, student.new_cache(2, rope=rope))
+    err = rel_err(streamed, full)
+    assert err <= 1e-5, f"streaming ({rope} RoPE, global cache) vs full block-causal: rel err {err:.2e}"
+
+
+def test_read_only_call_leaves_cache_unchanged(student):
+    x, t, ctx = inputs(frames=6)
+    cache = student.new_cache(2, window_frames=4, sink_frames=2, ema_alpha=0.5)
+    with torch.no_grad():
+        stream(student, x[:, :4], t[:, :4], ctx, cache)
+        before = copy.deepcopy(cache)
+        first = student(x[:, 4:], t[:, 4:], ctx, cache=cache)
+        second = student(x[:, 4:], t[:, 4:], ctx, cache=cache)
+    assert torch.equal(first, second), "two read-only calls on the same chunk differ"
+    assert cache.frames_written == before.frames_written == 4
+    for i in range(len(cache.k)):
+        assert torch.equal(cache.k[i], before.k[i]) and torch.equal(cache.v[i], before.v[i]), f"layer {i} changed"
+
+
+def test_later_chunk_never_changes_earlier_output(student):
+    x, t, ctx = inputs(frames=6)
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn_like(x2[:, 4:]) * 5  # change the last chunk only
+    t2 = t.clone()
+    t2[:, 4:] = 17.0
+    with torch.no_grad():
+        a, b = student(x, t, ctx), student(x2, t2, ctx)
+    assert torch.equal(a[:, :4], b[:, :4]), f"earlier chunks changed by up to {(a[:, :4] - b[:, :4]).abs().max():.2e}"
+    assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3, "the changed chunk itself must change"
+    bidirectional = randomize(WanModel(student.cfg), seed=1)  # same weights, no mask: everything sees the future
+    with torch.no_grad():
+        leak = (bidirectional(x, t, ctx)[:, :4] - bidirectional(x2, t2, ctx)[:, :4]).abs().max()
+    assert leak > 1e-3, "sanity: without the block-causal mask the earlier chunks do see the change"
+
+
+def test_written_cache_holds_no_graph_and_gradient_reaches_current_chunk(student):
+    x, t, ctx = inputs(frames=4)
+    ctx = ctx.clone().requires_grad_(True)
+    xin = x.clone().requires_grad_(True)
+    cache = student.new_cache(2)
+    student(xin[:, :2], t[:, :2], ctx, cache=cache, write_cache=True)
+    assert all(not k.requires_grad and not v.requires_grad for k, v in zip(cache.k, cache.v)), "cache holds a graph"
+    out = student(xin[:, 2:], t[:, 2:], ctx, cache=cache, write_cache=True)
+    out.square().sum().backward()
+    assert xin.grad[:, 2:].abs().sum() > 0 and xin.grad[:, :2].abs().sum() == 0, "gradient must reach the chunk only"
+    assert ctx.grad.abs().sum() > 0, "the text path must keep its gradient while a cross-attention cache exists"
+
+
+def test_cross_attention_cache_reused_without_grad_and_refreshed_for_new_prompt(student):
+    x, t, ctx = inputs(frames=4)
+    other = torch.randn_like(ctx)
+    with torch.no_grad():
+        cache = student.new_cache(2)
+        student(x[:, :2], t[:, :2], ctx, cache=cache, write_cache=True)
+        stored = cache.cross_kv
+        student(x[:, 2:], t[:, 2:], ctx, cache=cache)
+        assert cache.cross_kv is stored, "same prompt: the cross-attention K/V must be reused"
+        got = student(x[:, 2:], t[:, 2:], other, cache=cache)
+        fresh = student.new_cache(2)
+        student(x[:, :2], t[:, :2], ctx, cache=fresh, write_cache=True)
+        fresh.cross_context, fresh.cross_kv = None, None
+    with torch.no_grad():
+        want = student(x[:, 2:], t[:, 2:], other, cache=fresh)
+    assert torch.equal(got, want), "a new prompt must recompute the cross-attention K/V"
+
+
+def test_gradient_checkpointing_gives_same_gradients(student):
+    x, t, ctx = inputs(frames=4)
+    grads = []
+    for ckpt in (False, True):
+        net = copy.deepcopy(student)
+        net.gradient_checkpointing = ckpt
+        net(x, t, ctx).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert rel_err(grads[1], grads[0]) <= 1e-6, f"checkpointed grads differ by {rel_err(grads[1], grads[0]):.2e}"
+
+
+# ---------------------------------------------------------------- window, sink, EMA-sink (REFERENCE §3.6-3.7)
+
+def rf_student():
+    """Reward Forcing geometry: chunks of 3 frames, window 9, sink 3; one frame per chunk would not show the table."""
+    return randomize(WanModel(tiny_config(dim=24, num_heads=2, num_layers=2), causal=True, chunk_frames=3), seed=3)
+
+
+def sub_cache(global_cache: KVCache, frames: list[int]) -> KVCache:
+    """A global cache holding only the given frames: the oracle for what a window cache must attend."""
+    sub = copy.deepcopy(global_cache)
+    sub.k = [k[:, frames] for k in sub.k]
+    sub.v = [v[:, frames] for v in sub.v]
+    return sub
+
+
+def test_window_sink_attends_reward_forcing_frames_and_positions():
+    net = rf_student()
+    x, t, ctx = inputs(frames=12, h=2, w=4)
+    cache = net.new_cache(2, window_frames=9, sink_frames=3)
+    table = [([0, 1, 2], [0, 1, 2]), ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]),
+             ([*range(9)], [*range(9)]), ([0, 1, 2, 6, 7, 8, 9, 10, 11], [*range(9)])]  # REFERENCE §3.7 table
+    global_cache = net.new_cache(2)
+    with torch.no_grad():
+        for c, (frames, positions) in enumerate(table):
+            assert cache.next_chunk_frames() == (frames, positions), f"chunk {c}: {cache.next_chunk_frames()}"
+            sl = slice(3 * c, 3 * c + 3)
+            if c == 3:  # the window output must equal a global cache restricted to frames 0-2, 6-8
+                got = net(x[:, sl], t[:, sl], ctx, cache=cache)
+                want = net(x[:, sl], t[:, sl], ctx, cache=sub_cache(global_cache, [0, 1, 2, 6, 7, 8]))
+                assert rel_err(got, want) <= 1e-6, f"chunk 3 attended set wrong: rel err {rel_err(got, want):.2e}"
+            net(x[:, sl], t[:, sl], ctx, cache=cache, write_cache=True)
+            net(x[:, sl], t[:, sl], ctx, cache=global_cache, write_cache=True)
+            if c == 2:  # oldest non-sink frames (3-5) evicted, not the newest (6-8)
+                for i in range(len(cache.k)):
+                    kept = global_cache.k[i][:, [0, 1, 2, 6, 7, 8]]
+                    assert torch.equal(cache.k[i], kept), f"layer {i} kept the wrong frames"
+    assert cache.frames_written == 12 and max(cache.next_chunk_frames()[1]) == 8
+
+
+def test_ema_sink_fuses_oldest_evicted_frames():
+    net, a = rf_student(), 0.75
+    x, t, ctx = inputs(frames=12, h=2, w=4)
+    cache, global_cache = net.new_cache(2, window_frames=9, sink_frames=3, ema_alpha=a), net.new_cache(2)
+    with torch.no_grad():
+        for c in range(3):  # chunks 0-2 attend <= 9 frames: both caches hold the same written K/V
+            sl = slice(3 * c, 3 * c + 3)
+            net(x[:, sl], t[:, sl], ctx, cache=cache, write_cache=True)
+            net(x[:, sl], t[:, sl], ctx, cache=global_cache, write_cache=True)
+        written = [(k.clone(), v.clone()) for k, v in zip(global_cache.k, global_cache.v)]
+        for i, (k, v) in enumerate(written):  # after chunk 2: frames 3-5 fused, 6-8 kept
+            assert torch.allclose(cache.k[i][:, :3], a * k[:, 0:3] + (1 - a) * k[:, 3:6], rtol=0, atol=1e-6)
+            assert torch.allclose(cache.v[i][:, :3], a * v[:, 0:3] + (1 - a) * v[:, 3:6], rtol=0, atol=1e-6)
+        net(x[:, 9:12], t[:, 9:12], ctx, cache=cache, write_cache=True)  # 4th chunk: frames 6-8 fused next
+    for i, (k, v) in enumerate(written):
+        want_k = a * a * k[:, 0:3] + a * (1 - a) * k[:, 3:6] + (1 - a) * k[:, 6:9]
+        want_v = a * a * v[:, 0:3] + a * (1 - a) * v[:, 3:6] + (1 - a) * v[:, 6:9]
+        err = max((cache.k[i][:, :3] - want_k).abs().max().item(), (cache.v[i][:, :3] - want_v).abs().max().item())
+        assert err <= 1e-6, f"layer {i}: EMA sink after 4 chunks off by {err:.2e}"
+        assert cache.k[i].shape[1] == 6, f"layer {i}: cache holds {cache.k[i].shape[1]} frames, want sink 3 + 3 recent"
+
+
+def test_cache_stays_bounded_over_many_chunks():
+    net = randomize(WanModel(tiny_config(dim=24, num_heads=2, num_layers=1), causal=True, chunk_frames=1), seed=4)
+    x, t, ctx = inputs(frames=1, h=2, w=2, batch=1)
+    cache = net.new_cache(1, window_frames=4, sink_frames=1, ema_alpha=0.9)
+    with torch.no_grad():
+        for c in range(45):
+            net(x, t, ctx, cache=cache, write_cache=True)
+            frames, positions = cache.next_chunk_frames()
+            assert cache.past_frames <= 3 and max(positions) <= 3, f"chunk {c}: {cache.past_frames} frames, {positions}"
+    assert cache.frames_written == 45 and frames == [0, 43, 44, 45]
+
+
+def test_plain_sink_never_changes():
+    net = rf_student()
+    x, t, ctx = inputs(frames=3, h=2, w=4)
+    cache = net.new_cache(2, window_frames=6, sink_frames=3)
+    with torch.no_grad():
+        net(x, t, ctx, cache=cache, write_cache=True)
+        sink = [k[:, :3].clone() for k in cache.k]
+        for c in range(6):
+            net(torch.randn_like(x), t, ctx, cache=cache, write_cache=True)
+    for i in range(len(sink)):
+        assert torch.equal(cache.k[i][:, :3], sink[i]), f"layer {i}: the plain sink changed"
+
+
+def test_absolute_geometry_is_sink_plus_recent_at_absolute_positions():
+    net = rf_student()
+    x, t, ctx = inputs(frames=12, h=2, w=4)
+    cache = net.new_cache(2, window_frames=9, sink_frames=3, rope="absolute")
+    global_cache = net.new_cache(2, rope="absolute")
+    with torch.no_grad():
+        for c in range(3):
+            sl = slice(3 * c, 3 * c + 3)
+            net(x[:, sl], t[:, sl], ctx, cache=cache, write_cache=True)
+            net(x[:, sl], t[:, sl], ctx, cache=global_cache, write_cache=True)
+        frames = [0, 1, 2, 6, 7, 8, 9, 10, 11]
+        assert cache.next_chunk_frames() == (frames, frames), cache.next_chunk_frames()
+        got = net(x[:, 9:], t[:, 9:], ctx, cache=cache)
+        want = net(x[:, 9:], t[:, 9:], ctx, cache=sub_cache(global_cache, frames[:6]))  # roped keys keep positions
+        relative = net(x[:, 9:], t[:, 9:], ctx, cache=net.new_cache(2, window_frames=9, sink_frames=3))
+    assert rel_err(got, want) <= 1e-6, f"absolute window output vs oracle: {rel_err(got, want):.2e}"
+    assert rel_err(got, relative) > 1e-4, "absolute positions must differ from window-relative ones here"
+    cache.frames_written = 1022  # as after 1022 streamed frames: the next chunk would reach position 1024
+    with pytest.raises(ValueError, match="1024"):
+        net(x[:, 9:], t[:, 9:], ctx, cache=cache)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_wrong_checkpoint_keys_name_format_and_keys(tmp_path):
+    net = WanModel(tiny_config())
+    sd = {"model." + k: v for k, v in net.state_dict().items()}
+    sd["model.extra.weight"] = torch.zeros(1)
+    del sd["model.head.modulation"]
+    sd["model.blocks.0.ffn.0.weight"] = torch.zeros(3, 3)
+    torch.save({"generator": sd}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError) as info:
+        load_wan_weights(net, tmp_path / "bad.pt")
+    msg = str(info.value)
+    for needle in ("trainer checkpoint entry 'generator'", "original Wan names", "head.modulation", "extra.weight",
+                   "blocks.0.ffn.0.weight"):
+        assert needle in msg, f"error message lacks {needle!r}: {msg}"
+    with pytest.raises(KeyError, match="critic"):
+        load_wan_weights(net, {"critic": sd})  # only a critic: must be picked explicitly
+    with pytest.raises(FileNotFoundError):
+        load_wan_weights(net, tmp_path / "missing.safetensors")
+
+
+def test_bad_inputs_fail_before_work(student):
+    x, t, ctx = inputs(frames=6)
+    cases = {
+        "not divisible": (x[..., :3], t, ctx, {}),
+        "text_dim": (x, t, torch.randn(2, 4, TEXT_DIM + 1), {}),
+        "more than text_len": (x, t, torch.randn(2, TEXT_LEN + 1, TEXT_DIM), {}),
+        "multiple of chunk_frames": (x[:, :5], t[:, :5], ctx, {}),
+        "chunk_frames=2": (x[:, :3], t[:, :3], ctx, {"cache": student.new_cache(2)}),
+        r"t must be": (x, t[:, :2], ctx, {}),
+        "batch": (x[:1, :2], t[:1, :2], ctx[:1], {"cache": student.new_cache(2)}),
+        "needs a cache": (x[:, :2], t[:, :2], ctx, {"write_cache": True}),
+    }
+    for needle, (xx, tt, cc, kw) in cases.items():
+        with pytest.raises(ValueError, match=needle):
+            student(xx, tt, cc, **kw)
+    with pytest.raises(ValueError, match="sink_frames == chunk_frames"):
+        student.new_cache(2, window_frames=6, sink_frames=1, ema_alpha=0.9)
+    with pytest.raises(ValueError, match="causal"):
+        WanModel(student.cfg).new_cache(2)
