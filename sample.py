@@ -1,0 +1,99 @@
+"""Streaming generation of long videos: chunk by chunk with the EMA-sink KV cache and the streaming VAE decoder.
+
+    python sample.py                                     # toy world, latest checkpoint in out/toy (or the shipped ODE init)
+    python sample.py --config configs/wan1.3b_stream_r1.yaml --ckpt rewardforcing.pt --prompt "..." --seconds 60
+
+Frames are appended to the mp4 as each chunk is decoded, so memory stays bounded at any length (the cache holds at most
+`window_frames` latent frames). Uses the same `dmd.generate_chunk` as the training rollout: one code path for the cache.
+Prints FPS (decoded frames / wall time, VAE included) and per-chunk latency at the end.
+"""
+import sys
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dmd
+from train import Config, World, build_net, cache_options, latest_checkpoint, load_config
+from model import load_wan_weights
+
+FPS = 16  # Wan's sample_fps (REFERENCE §1.2); one toy latent is one frame, so the toy plays at the same rate
+
+
+def parse(argv: list[str]) -> tuple[Config, dict]:
+    """sample.py's own flags (--ckpt, --prompt, --seconds, --frames, --out, --upscale), the rest is train.py's Config."""
+    own = {"ckpt": "", "prompt": "", "seconds": "10", "frames": "", "out": "", "upscale": "8"}
+    rest = []
+    for a in argv:
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        if key in own and "=" in a:
+            own[key] = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    cfg = load_config(rest + ["--stage=dmd", "--weighting=none"], sampling=True)
+    return cfg, own
+
+
+def student_weights(cfg: Config, ckpt: str) -> tuple[str | dict, str]:
+    """--ckpt, else the EMA (or generator) of the latest checkpoint in out_dir, else the configured student init."""
+    if ckpt:
+        if not Path(ckpt).exists():
+            raise SystemExit(f"--ckpt {ckpt} does not exist")
+        return ckpt, ckpt
+    meta = latest_checkpoint(Path(cfg.out_dir))
+    if meta is None:
+        return cfg.student_path, cfg.student_path
+    from safetensors.torch import load_file
+    tensors = load_file(str(Path(cfg.out_dir) / meta["file"]))
+    name = "ema" if meta["has_ema"] else "net"
+    return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}, f"{meta['file']} ({name})"
+
+
+def main(argv: list[str]) -> None:
+    cfg, own = parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    w = World(cfg, device, rank=0, world=1)
+    weights, source = student_weights(cfg, own["ckpt"])
+    student = build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames).eval()
+    load_wan_weights(student, weights)
+    prompt = own["prompt"] or w.prompts[0]
+    frames_wanted = int(own["frames"]) if own["frames"] else int(float(own["seconds"]) * FPS)
+    tf = w.vae.temporal_factor
+    latents = max(1, -(-(frames_wanted - 1) // tf) + 1)               # pixel frames 1 + tf (F - 1)
+    chunks = -(-latents // cfg.chunk_frames)
+    out = Path(own["out"] or Path(cfg.out_dir) / "sample.mp4")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"student: {source}\nprompt: {prompt!r}\n{chunks} chunks of {cfg.chunk_frames} latent frames -> {out}")
+
+    ctx = w.context([prompt])
+    _, c, h, wd = w.latent_shape()
+    cache = student.new_cache(1, **cache_options(cfg))
+    steps = dmd.warped_steps(cfg.steps, cfg.shift)
+    decoder, latency, n_frames = w.vae.stream_decoder(), [], 0
+    up = int(own["upscale"]) if cfg.world == "toy" else 1
+    start = time.perf_counter()
+    with imageio.get_writer(out, fps=FPS, codec="libx264", quality=8, macro_block_size=1) as writer, torch.no_grad(), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+        for _ in tqdm(range(chunks), desc="chunks"):
+            t0 = time.perf_counter()
+            noise = torch.randn(1, cfg.chunk_frames, c, h, wd, device=device)
+            pixels = decoder(dmd.generate_chunk(student, noise, ctx, cache, steps))[0].float()
+            frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            latency.append(time.perf_counter() - t0)
+            for frame in frames:
+                writer.append_data(np.kron(frame, np.ones((up, up, 1), dtype=np.uint8)) if up > 1 else frame)
+            n_frames += len(frames)
+    total = time.perf_counter() - start
+    print(f"wrote {n_frames} frames ({n_frames / FPS:.1f} s at {FPS} fps) to {out}")
+    print(f"speed: {n_frames / total:.1f} FPS (VAE decode and mp4 writing included); chunk latency "
+          f"first {latency[0] * 1e3:.1f} ms, median {np.median(latency) * 1e3:.1f} ms, last {latency[-1] * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
