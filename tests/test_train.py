@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--batch_size=2", "--log_every=1", "--ema_start=1", "--gen_every=2"]
+FAST = ["--batch_size=2", "--ema_start=1", "--gen_every=2", "--evaluate=false"]
 
 
 def final_weights(out: Path) -> dict:
@@ -106,10 +106,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
     """Replicated (all-reduced gradients) and FSDP2-sharded training, checkpoint and evaluation across 2 gloo ranks."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           f"--out_dir={tmp_path}", "--max_steps=2", f"--parallel={parallel}", *FAST]
+           f"--out_dir={tmp_path}", "--max_steps=2", f"--parallel={parallel}", *FAST, "--evaluate=true"]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert train.latest_checkpoint(tmp_path)["step"] == 2
+    assert "held-out eval" in run.stdout, "the final evaluation did not run on the sharded / replicated student"
 
 
 def test_sample_writes_a_playable_ten_second_mp4(tmp_path):
