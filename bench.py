@@ -50,7 +50,7 @@ import weighting
 from model import WanConfig, WanModel, load_wan_weights, save_wan_weights
 
 ROOT = Path(__file__).resolve().parent
-ABLATION_MD = "/tmp/team/ablation.md"  # where the lead collects the README's ablation table
+ABLATION_MD = Path("out/ablation.md")
 PUBLISHED_FPS = {"Self-Forcing": 17.0, "Reward Forcing": 23.1}  # Wan-1.3B, 832x480, one H100 (issue 7)
 REWARD_FORCING_CACHE = dict(window_frames=9, sink_frames=3, ema_alpha=0.999)  # REFERENCE §3.7
 WAN_VAE_SPATIAL_FACTOR = 8  # Wan2.1 VAE (REFERENCE §5.1), for the analytic cache size without building the VAE
