@@ -106,7 +106,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
     """Replicated (all-reduced gradients) and FSDP2-sharded training, checkpoint and evaluation across 2 gloo ranks."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           f"--out_dir={tmp_path}", "--max_steps=2", f"--parallel={parallel}", *FAST, "--evaluate=true"]
+           f"--out_dir={tmp_path}", "--max_steps=2", f"--parallel={parallel}", *FAST, "--evaluate=true",
+           "--ode_steps=4"]  # the evaluation path, with a 4-step teacher sampler
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert train.latest_checkpoint(tmp_path)["step"] == 2
