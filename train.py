@@ -199,6 +199,14 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
+def finite_everywhere(loss: float, device: torch.device, world: int) -> bool:
+    """One decision for all ranks (a rank that skipped its step while others all-reduce would hang them)."""
+    ok = torch.tensor(float(math.isfinite(loss)), device=device)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
     """Replicated data parallelism: average gradients across ranks (what DDP does, without bucketing)."""
     if world > 1:
@@ -573,7 +581,7 @@ def main(argv: list[str]) -> None:
                     (micro / cfg.grad_accum).backward()
                     loss += micro.item() / cfg.grad_accum
                 stats = {"loss": loss}
-                if math.isfinite(loss):
+                if finite_everywhere(loss, device, world):
                     stats["grad_norm"] = optimizer_step(net, opt, cfg, world)
                 else:
                     opt.zero_grad(set_to_none=True)
@@ -587,7 +595,7 @@ def main(argv: list[str]) -> None:
         step += 1
         if cfg.stage == "dmd" and ema is None and step >= cfg.ema_start:
             ema = new_ema(cfg, net, device)
-        elif ema is not None and stats.get("gen_loss") is not None:
+        elif ema is not None and "gen_grad_norm" in stats:  # after each generator update that was taken
             ema_update(ema, net, cfg.ema_decay)
         stats.update(step=step, time=round(time.time() - t0, 3))
         if log:
@@ -607,6 +615,8 @@ def main(argv: list[str]) -> None:
                 log.write(json.dumps({"step": step, "eval": ev}) + "\n")
                 print(f"step {step} held-out eval: {ev}")
     bar.close()
+    if log:
+        log.close()
     if world > 1:
         dist.barrier()
     final = get_model_state_dict(ema or net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -633,18 +643,17 @@ def dmd_step(cfg, step, net, teacher, critic, w: World, lat, balancer, opts, wor
             (loss / cfg.grad_accum).backward()
             gen_loss += loss.item() / cfg.grad_accum
         stats.update(extra, gen_loss=gen_loss)
-        if math.isfinite(gen_loss):
+        if finite_everywhere(gen_loss, device, world):
             stats["gen_grad_norm"] = optimizer_step(net, opts["net"][1], cfg, world)
         else:
             opts["net"][1].zero_grad(set_to_none=True)
-            stats["gen_loss"] = None
     critic_loss = 0.0
     for _ in range(cfg.grad_accum):
         loss = critic_step_loss(cfg, net, critic, w, *draw())
         (loss / cfg.grad_accum).backward()
         critic_loss += loss.item() / cfg.grad_accum
     stats["critic_loss"] = critic_loss
-    if math.isfinite(critic_loss):
+    if finite_everywhere(critic_loss, device, world):
         stats["critic_grad_norm"] = optimizer_step(critic, opts["critic"][1], cfg, world)
     else:
         opts["critic"][1].zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """train.py / sample.py end to end on the toy world: config handling, bad input, resume == uninterrupted run,
 gradient accumulation == large batch, two-process torchrun on CPU, and a playable streamed mp4."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,18 @@ def test_resume_is_bit_exact(tmp_path):
     assert any(k.startswith("ema.") for k in wa) and any(k.startswith("opt.critic.") for k in wa)
     differ = [k for k in wa if not k.startswith("rng") and not torch.equal(wa[k], wb[k])]
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
+
+
+def test_non_finite_loss_skips_the_update_and_stops_when_it_repeats(tmp_path, monkeypatch):
+    """A NaN generator loss: the update is skipped (weights unchanged, logged), and max_bad_steps in a row stop the run."""
+    import dmd
+    monkeypatch.setattr(dmd, "dmd_loss", lambda x0, g, weight=None: (x0 * float("nan")).mean())
+    with pytest.raises(SystemExit, match="2 consecutive non-finite losses"):
+        train.main([f"--out_dir={tmp_path}", "--max_steps=5", "--max_bad_steps=2", *FAST, "--gen_every=1",
+                    "--weighting=none"])
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in logged] == [1], f"expected one logged skipped step before the stop, got {logged}"
+    assert "gen_grad_norm" not in logged[0] and "critic_grad_norm" in logged[0], "the critic still trains"
 
 
 def test_gradient_accumulation_equals_large_batch():
