@@ -15,12 +15,13 @@ update first (Self-Forcing's dfake_gen_update_ratio); each update averages `grad
 `batch_size` per rank (Stream-R1's correct accumulation, not Reward Forcing's broken one, REFERENCE §10.4).
 """
 import dataclasses
+import inspect
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 import dmd
 import toy
+import vae
 import weighting
 from model import WanConfig, WanModel, load_wan_weights
 
@@ -168,7 +170,8 @@ def validate_config(cfg: Config, sampling: bool = False) -> None:
         raise SystemExit("stage=teacher pretrains the toy teacher only; real runs load the Wan2.1 teacher")
     if cfg.num_frames % cfg.chunk_frames:
         raise SystemExit(f"num_frames={cfg.num_frames} is not a multiple of chunk_frames={cfg.chunk_frames}")
-    factor = 4 * 2 if cfg.world == "toy" else 8 * 2      # VAE spatial factor x DiT patch
+    wan_vae_factor = 2 ** (len(inspect.signature(vae.WanVAE).parameters["dim_mult"].default) - 1)  # 8 (REFERENCE §5.1)
+    factor = (toy.ToyVAE.spatial_factor if cfg.world == "toy" else wan_vae_factor) * dit_config(cfg.model_size).patch_size[1]
     if cfg.height % factor or cfg.width % factor:
         raise SystemExit(f"resolution {cfg.height}x{cfg.width} must divide by {factor} (VAE factor x patch size)")
     rewarded = cfg.stage == "dmd" and cfg.weighting != "none" and not sampling
@@ -244,7 +247,6 @@ class World:
             self.prompts = toy.toy_prompts()
         else:
             import reward
-            import vae
             self.vae = vae.WanVAE().to(device).eval()
             vae.load_vae_weights(self.vae, cfg.vae_path)
             self.text = text.load_text_encoder(cfg.text_path, cfg.tokenizer_dir, device=device)
