@@ -14,10 +14,11 @@ from pathlib import Path
 import imageio.v2 as imageio
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import dmd
-from train import Config, World, build_net, cache_options, latest_checkpoint, load_config
+from train import Config, World, build_net, cache_options, latest_checkpoint, load_config, network_weights
 from model import load_wan_weights
 
 FPS = 16  # Wan's sample_fps (REFERENCE §1.2); one toy latent is one frame, so the toy plays at the same rate
@@ -46,10 +47,8 @@ def student_weights(cfg: Config, ckpt: str) -> tuple[str | dict, str]:
     meta = latest_checkpoint(Path(cfg.out_dir))
     if meta is None:
         return cfg.student_path, cfg.student_path
-    from safetensors.torch import load_file
-    tensors = load_file(str(Path(cfg.out_dir) / meta["file"]))
     name = "ema" if meta["has_ema"] else "net"
-    return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}, f"{meta['file']} ({name})"
+    return network_weights(load_file(str(Path(cfg.out_dir) / meta["file"])), name), f"{meta['file']} ({name})"
 
 
 def main(argv: list[str]) -> None:

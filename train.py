@@ -402,14 +402,18 @@ def latest_checkpoint(out: Path) -> dict | None:
     return json.loads((out / json.loads((out / "latest.json").read_text())["json"]).read_text())
 
 
+def network_weights(tensors: dict, name: str) -> dict:
+    """One network's state dict (Wan key names) out of a checkpoint's tensors, where it is stored as `name.<key>`."""
+    return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+
+
 def restore_checkpoint(out: Path, meta: dict, nets: dict, opts: dict) -> None:
     """Networks, optimizers and RNG state restored in place from the checkpoint `meta` names (every rank reads it)."""
     tensors = load_file(str(out / meta["file"]))
     full = StateDictOptions(full_state_dict=True)
     for name, net in nets.items():
         if net is not None:
-            set_model_state_dict(net, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
-                                 options=full)
+            set_model_state_dict(net, network_weights(tensors, name), options=full)
     for name, (net, opt) in opts.items():
         state = {}
         for key, v in tensors.items():
