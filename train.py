@@ -92,7 +92,7 @@ class Config:
     clip: float = 10.0
     gen_every: int = 4                  # Wan recipe 5
     ema_decay: float = 0.9              # toy: 40 generator updates; Wan recipe 0.99
-    ema_start: int = 80
+    ema_start: int = 80                 # every stage keeps an EMA of what it trains from here; it is what is exported
     cfg_dropout: float = 0.1            # teacher stage: context dropped to the negative context
     # reward weighting (REFERENCE §8.3-8.4)
     beta: float = 2.0
@@ -432,11 +432,12 @@ def make_optimizer(net: torch.nn.Module, lr: float, cfg: Config) -> torch.optim.
                              weight_decay=cfg.weight_decay)
 
 
-def new_ema(cfg: Config, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The generator's EMA: a network of the same shape and sharding, starting from its weights (FSDP2 modules
-    cannot be deep-copied); built under fork_rng so its creation does not move the training RNG."""
+def new_ema(cfg: Config, net: WanModel, device: torch.device) -> WanModel:
+    """The EMA of the trained network (teacher, ODE student or generator): a twin of the same shape and sharding,
+    starting from its weights (FSDP2 modules cannot be deep-copied); built under fork_rng so its creation does not
+    move the training RNG."""
     with torch.random.fork_rng(devices=[]):
-        ema = build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames).requires_grad_(False)
+        ema = WanModel(net.cfg, net.causal, net.chunk_frames).to(device).requires_grad_(False)
     if cfg.parallel == "fsdp":
         ema = shard(ema, cfg, per_block=False, trainable=False)
     ema.load_state_dict(net.state_dict())
@@ -554,7 +555,7 @@ def main(argv: list[str]) -> None:
 
     step, bad_steps = 0, 0
     meta = latest_checkpoint(out)
-    if cfg.stage == "dmd" and (cfg.ema_start == 0 or meta and meta["has_ema"]):
+    if cfg.ema_start == 0 or meta and meta["has_ema"]:
         ema = new_ema(cfg, net, device)
     if meta is not None:
         restore_checkpoint(out, meta, nets(), opts)
@@ -599,9 +600,9 @@ def main(argv: list[str]) -> None:
         else:
             bad_steps = 0
         step += 1
-        if cfg.stage == "dmd" and ema is None and step >= cfg.ema_start:
+        if ema is None and step >= cfg.ema_start:
             ema = new_ema(cfg, net, device)
-        elif ema is not None and "gen_grad_norm" in stats:  # after each generator update that was taken
+        elif ema is not None and ("gen_grad_norm" if cfg.stage == "dmd" else "grad_norm") in stats:  # updates taken
             ema_update(ema, net, cfg.ema_decay)
         stats.update(step=step, time=round(time.time() - t0, 3))
         if log:

@@ -78,6 +78,21 @@ def test_resume_is_bit_exact(tmp_path):
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
 
 
+def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
+    """Every stage keeps an EMA of what it trains: ema_k = d ema_(k-1) + (1 - d) net_k, and model.safetensors is the
+    EMA (what the toy teacher asset ships)."""
+    train.main([f"--out_dir={tmp_path}", "--stage=teacher", "--max_steps=3", "--ckpt_every=1", "--batch_size=2",
+                "--ema_start=1", "--ema_decay=0.75"])
+    prev, last = (load_file(str(tmp_path / f"step_{s:06d}.safetensors")) for s in (2, 3))
+    ema, net = train.network_weights(last, "ema"), train.network_weights(last, "net")
+    expected = {k: 0.75 * v + 0.25 * net[k] for k, v in train.network_weights(prev, "ema").items()}
+    assert ema.keys() == net.keys() == expected.keys()
+    assert all(torch.allclose(ema[k], expected[k], atol=1e-7) for k in ema), "EMA update is not d ema + (1-d) net"
+    assert any(not torch.equal(ema[k], net[k]) for k in ema), "the EMA is a copy of the network"
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(exported[k], ema[k]) for k in ema) and exported.keys() == ema.keys()
+
+
 def test_non_finite_loss_skips_the_update_and_stops_when_it_repeats(tmp_path, monkeypatch):
     """A NaN generator loss: the update is skipped (weights unchanged, logged), and max_bad_steps in a row stop the run."""
     import dmd
