@@ -85,8 +85,8 @@ class Config:
     # optimisation (REFERENCE §6.4)
     batch_size: int = 8                 # per rank, per micro-step
     grad_accum: int = 1
-    lr: float = 5e-5                    # generator (or teacher / ODE student); Wan recipe 2e-6
-    lr_critic: float = 1e-4             # Wan recipe 4e-7
+    lr: float = 1e-4                    # generator (or teacher / ODE student); Wan recipe 2e-6
+    lr_critic: float = 2e-4             # Wan recipe 4e-7
     betas: tuple = (0.0, 0.999)
     weight_decay: float = 0.01
     clip: float = 10.0
