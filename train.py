@@ -96,8 +96,8 @@ class Config:
     cfg_dropout: float = 0.1            # teacher stage: context dropped to the negative context
     # reward weighting (REFERENCE §8.3-8.4)
     beta: float = 2.0
-    spatial: bool = True
-    temporal: bool = True
+    spatial: bool = True                # false (with temporal): temporal weight w_t only
+    temporal: bool = True               # false (with spatial): SR1's unfactorised W_s, one min-max per clip
     balance: bool = True
     balance_window: int = 50
     balance_warmup: int = 50
@@ -311,7 +311,7 @@ def reward_weight(cfg: Config, x0: torch.Tensor, prompts: list[str], w: World, b
             fused = weighting.fuse_saliency(res.saliency, res.z, temperature=cfg.temperature)
             intra = weighting.intra_perplexity_weights(
                 fused, spatial_floor=cfg.spatial_floor, temporal_floor=cfg.temporal_floor,
-                temporal_strength=float(cfg.temporal), spatial_strength=float(cfg.spatial))
+                spatial_strength=float(cfg.spatial), factorised=cfg.temporal)
             stats["intra_max"] = intra.max().item()
             weight = weight.view(-1, 1, 1, 1, 1) * intra
     stats["weight_mean"] = weight.mean().item()

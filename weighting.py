@@ -112,12 +112,16 @@ def _minmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 
 def intra_perplexity_weights(S: Tensor, spatial_floor: float = 0.15, temporal_floor: float = 0.2,
-                             temporal_strength: float = 1.0, spatial_strength: float = 1.0) -> Tensor:
+                             temporal_strength: float = 1.0, spatial_strength: float = 1.0,
+                             factorised: bool = True) -> Tensor:
     """Stream-R1 intra-perplexity weight by SR1's factorised normalisation (REFERENCE §8.3), per sample:
 
         tau_f  = mean_{h,w} S[f];  w_t = max((1 - s_t) + s_t * minmax_f(tau), tau_min);  w_t /= mean_f w_t
         w_s[f] = max((1 - s_s) + s_s * minmax_{h,w}(S[f]), sigma_min);  w_s[f] /= mean_{h,w} w_s[f]
         W = w_t[f] * w_s[f];  W /= mean W
+    factorised=False is SR1 without temporal_saliency_weighting (its "+ spatial W_s" ablation row): one min-max over
+    the whole clip, W = max((1 - s_s) + s_s * minmax_{f,h,w}(S), sigma_min), W /= mean W, so frames keep their
+    relative saliency (tau_min and s_t unused).
     A constant map gives all ones. S: [B, F, h, w] or [F, h, w] -> [B, F, 1, h, w] or [F, 1, h, w], no gradient.
     """
     if S.dim() not in (3, 4):
@@ -126,6 +130,10 @@ def intra_perplexity_weights(S: Tensor, spatial_floor: float = 0.15, temporal_fl
         raise ValueError("saliency holds NaN or inf")
     x = S.detach().float()
     x = x[None] if x.dim() == 3 else x
+    if not factorised:
+        W = ((1 - spatial_strength) + spatial_strength * _minmax(x, (1, 2, 3))).clamp_min(spatial_floor)
+        W = (W / W.mean((1, 2, 3), keepdim=True))[:, :, None]
+        return W[0] if S.dim() == 3 else W
     tau = x.mean((2, 3))  # [B, F]
     w_t = ((1 - temporal_strength) + temporal_strength * _minmax(tau, (1,))).clamp_min(temporal_floor)
     w_t = w_t / w_t.mean(1, keepdim=True)

@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+import toy
 import train
+import weighting
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch_size=2", "--ema_start=1", "--gen_every=2", "--evaluate=false"]
@@ -63,6 +66,40 @@ def test_empty_prompt_file_is_an_error(tmp_path):
     (tmp_path / "p.txt").write_text("\n  \n")
     with pytest.raises(SystemExit, match="holds no prompt"):
         train.load_config([f"--prompt_file={tmp_path / 'p.txt'}"])
+
+
+@pytest.mark.parametrize("spatial,temporal", [(True, True), (True, False), (False, True), (False, False)])
+def test_stream_r1_component_flags_pick_the_documented_weight(spatial, temporal):
+    """spatial + temporal: SR1's factorised W; spatial alone: its global-min-max W_s (frames keep their saliency);
+    temporal alone: w_t only (flat within each frame); neither: exp(beta r) per rollout only."""
+    cfg = train.load_config([f"--spatial={spatial}", f"--temporal={temporal}", "--balance=false"])
+    w = SimpleNamespace(vae=toy.ToyVAE(), reward=toy.ToyReward())
+    torch.manual_seed(0)
+    x0 = 0.5 * torch.randn(2, cfg.num_frames, w.vae.z_dim, cfg.height // w.vae.spatial_factor,
+                           cfg.width // w.vae.spatial_factor)
+    prompts = toy.toy_prompts()[:2]
+    weight, stats = train.reward_weight(cfg, x0, prompts, w, balancer=None)
+    res = w.reward.score_and_saliency(w.vae.decode(x0), prompts, latent_shape=(x0.shape[1], *x0.shape[3:]),
+                                      axes=train.AXES)
+    inter = torch.exp(cfg.beta * res.z.mean(1))
+    if not (spatial or temporal):
+        assert weight.shape == (2,) and torch.allclose(weight, inter), "no component: exp(beta r) per rollout"
+        return
+    intra = weight / inter.view(-1, 1, 1, 1, 1)
+    assert intra.shape == (2, cfg.num_frames, 1, *x0.shape[3:]) and torch.allclose(intra.mean((1, 2, 3, 4)),
+                                                                                    torch.ones(2), atol=1e-5)
+    fused = weighting.fuse_saliency(res.saliency, res.z)
+    if spatial and temporal:
+        assert torch.allclose(intra, weighting.intra_perplexity_weights(fused), atol=1e-5)
+    elif spatial:
+        lo, hi = fused.amin((1, 2, 3), keepdim=True), fused.amax((1, 2, 3), keepdim=True)
+        ref = ((fused - lo) / (hi - lo)).clamp_min(cfg.spatial_floor)
+        assert torch.allclose(intra[:, :, 0], ref / ref.mean((1, 2, 3), keepdim=True), atol=1e-5), \
+            "spatial alone must be SR1's global min-max W_s"
+    else:
+        within = intra.flatten(2)
+        assert torch.allclose(within.amin(2), within.amax(2), atol=1e-5) and intra.flatten(1).std(1).min() > 0, \
+            "temporal alone: one weight per frame, not all equal"
 
 
 def test_resume_is_bit_exact(tmp_path):

@@ -136,6 +136,29 @@ def test_intra_perplexity_weights_match_sr1_loops_means_and_floors():
     assert got.shape == (5, 1, 6, 7) and err < 1e-5, f"strengths / floors not applied: off by {err}"
 
 
+def test_unfactorised_intra_weights_are_sr1_global_path_and_keep_frame_saliency():
+    """SR1 without temporal_saliency_weighting: one min-max over [F, h, w], floor, mean 1 (its else branch)."""
+    torch.manual_seed(0)
+    S = torch.rand(2, 5, 6, 7) ** 3
+    S[:, 2] *= 4  # one frame much more salient than the rest
+    W = intra_perplexity_weights(S, spatial_floor=0.15, factorised=False)
+    assert W.shape == (2, 5, 1, 6, 7)
+    for b in range(2):
+        x = S[b].double().numpy()
+        ref = np.maximum((x - x.min()) / (x.max() - x.min()), 0.15)
+        ref = ref / ref.mean()
+        err = np.abs(W[b, :, 0].double().numpy() - ref).max()
+        assert err < 1e-5, f"sample {b} differs from SR1's global normalisation by {err}"
+        frame_means = W[b, :, 0].mean((1, 2))
+        others = frame_means[[0, 1, 3, 4]]
+        assert frame_means[2] > 1.5 * others.max(), \
+            f"the salient frame must keep more weight, frame means {frame_means.tolist()}"
+    half = intra_perplexity_weights(S[0], spatial_floor=0.3, spatial_strength=0.5, factorised=False)[:, 0].double()
+    x = S[0].double()
+    ref = (0.5 + 0.5 * (x - x.min()) / (x.max() - x.min())).clamp_min(0.3)
+    assert torch.allclose(half, ref / ref.mean(), atol=1e-5), "strength / floor not applied on the global path"
+
+
 @pytest.mark.parametrize("fill", [0.0, 3.7])
 def test_intra_perplexity_weights_of_constant_saliency_are_ones(fill):
     W = intra_perplexity_weights(torch.full((4, 3, 5), fill))
