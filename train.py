@@ -356,12 +356,16 @@ def teacher_loss(cfg, net, w: World, prompts, videos):
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, step: int, nets: dict, opts: dict, state: dict, rank: int, keep: int = 2) -> None:
-    """Atomic: step_N.safetensors (networks under Wan names, optimizer states, RNG), then step_N.json, then latest.json
-    (each by os.replace); older checkpoints removed. Called on every rank: gathering FSDP2 shards is a collective."""
+def save_checkpoint(out: Path, step: int, nets: dict, opts: dict, state: dict, balancer, rank: int,
+                    keep: int = 2) -> None:
+    """Atomic: step_N.safetensors (networks under Wan names, optimizer states, every rank's RNG), then step_N.json
+    (`state`, every rank's balancer), then latest.json (each by os.replace); older checkpoints removed. Called on every
+    rank: gathering FSDP2 shards and the per-rank RNG / balancer states are collectives."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     models = {name: get_model_state_dict(net, options=full) for name, net in nets.items() if net is not None}
     optims = {name: get_optimizer_state_dict(net, opt, options=full) for name, (net, opt) in opts.items()}
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    rngs, balancers = gather_from_ranks(rng), gather_from_ranks(balancer.state_dict())  # each rank has its own
     if rank != 0:  # the full state lands on rank 0 only
         return
     tensors = {f"{name}.{k}": v.contiguous() for name, sd in models.items() for k, v in sd.items()}
@@ -369,17 +373,24 @@ def save_checkpoint(out: Path, step: int, nets: dict, opts: dict, state: dict, r
         for param, st in sd["state"].items():
             tensors.update({f"opt.{name}.{param}.{k}": v.reshape(1) if v.dim() == 0 else v.contiguous() for k, v in st.items()})
     groups = {name: sd["param_groups"] for name, sd in optims.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors.update({f"rng.{r}.{k}": v for r, st in enumerate(rngs) for k, v in st.items()})
     stem = out / f"step_{step:06d}"
     atomic_write(stem.with_suffix(".safetensors"), lambda p: save_file(tensors, p))
-    meta = dict(state, step=step, opt_groups=groups, file=stem.with_suffix(".safetensors").name)
+    meta = dict(state, step=step, opt_groups=groups, balancers=balancers, file=stem.with_suffix(".safetensors").name)
     atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     atomic_write(out / "latest.json", lambda p: Path(p).write_text(json.dumps({"step": step, "json": stem.name + ".json"})))
     for old in sorted(out.glob("step_*.json"))[:-keep]:
         old.unlink()
         old.with_suffix(".safetensors").unlink(missing_ok=True)
+
+
+def gather_from_ranks(obj) -> list:
+    """`obj` of every rank, in rank order; [obj] without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -407,8 +418,12 @@ def network_weights(tensors: dict, name: str) -> dict:
     return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
 
 
-def restore_checkpoint(out: Path, meta: dict, nets: dict, opts: dict) -> None:
-    """Networks, optimizers and RNG state restored in place from the checkpoint `meta` names (every rank reads it)."""
+def restore_checkpoint(out: Path, meta: dict, nets: dict, opts: dict, balancer, rank: int, world: int) -> None:
+    """Networks, optimizers, this rank's RNG and balancer restored in place from the checkpoint `meta` names (every
+    rank reads it). The per-rank states need the world size the checkpoint was written with."""
+    if len(meta["balancers"]) != world:
+        raise SystemExit(f"{out / meta['file']} was written by {len(meta['balancers'])} process(es), this run has "
+                         f"{world}: resume with the same number of processes (each keeps its own RNG stream)")
     tensors = load_file(str(out / meta["file"]))
     full = StateDictOptions(full_state_dict=True)
     for name, net in nets.items():
@@ -421,9 +436,10 @@ def restore_checkpoint(out: Path, meta: dict, nets: dict, opts: dict) -> None:
                 param, k = key[len(f"opt.{name}."):].rsplit(".", 1)
                 state.setdefault(param, {})[k] = v.reshape(()) if k == "step" else v
         set_optimizer_state_dict(net, opt, {"state": state, "param_groups": meta["opt_groups"][name]}, options=full)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    torch.set_rng_state(tensors[f"rng.{rank}.cpu"])
+    if f"rng.{rank}.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng.{rank}.cuda"])
+    balancer.load_state_dict(meta["balancers"][rank])
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -558,9 +574,8 @@ def main(argv: list[str]) -> None:
     if cfg.ema_start == 0 or meta and meta["has_ema"]:
         ema = new_ema(cfg, net, device)
     if meta is not None:
-        restore_checkpoint(out, meta, nets(), opts)
+        restore_checkpoint(out, meta, nets(), opts, balancer, rank, world)
         step = meta["step"]
-        balancer.load_state_dict(meta["balancer"])
         if rank == 0:
             print(f"resumed from {out / meta['file']} at step {step}")
             truncate_log(out / "log.jsonl", step)
@@ -611,8 +626,8 @@ def main(argv: list[str]) -> None:
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if "loss" in k})
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            save_checkpoint(out, step, nets(), opts, {"balancer": balancer.state_dict(), "has_ema": ema is not None,
-                                                      "config": dataclasses.asdict(cfg)}, rank)
+            save_checkpoint(out, step, nets(), opts, {"has_ema": ema is not None, "config": dataclasses.asdict(cfg)},
+                            balancer, rank)
             if world > 1:
                 dist.barrier()
         if cfg.world == "toy" and cfg.stage != "teacher" and cfg.evaluate and (

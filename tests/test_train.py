@@ -111,7 +111,7 @@ def test_resume_is_bit_exact(tmp_path):
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     assert any(k.startswith("ema.") for k in wa) and any(k.startswith("opt.critic.") for k in wa)
-    differ = [k for k in wa if not k.startswith("rng") and not torch.equal(wa[k], wb[k])]
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
 
 
@@ -168,15 +168,26 @@ def test_gradient_accumulation_equals_large_batch():
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
-    """Replicated (all-reduced gradients) and FSDP2-sharded training, checkpoint and evaluation across 2 gloo ranks."""
+    """Replicated (all-reduced gradients) and FSDP2-sharded training, checkpoint and evaluation across 2 gloo ranks;
+    stop after 1 step and resume to 2 == the 2-step run (each rank's own RNG stream and balancer come back)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           f"--out_dir={tmp_path}", "--max_steps=2", f"--parallel={parallel}", *FAST, "--evaluate=true",
-           "--ode_steps=4"]  # the evaluation path, with a 4-step teacher sampler
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert train.latest_checkpoint(tmp_path)["step"] == 2
+
+    def torchrun(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               f"--out_dir={out}", f"--max_steps={steps}", "--ckpt_every=1", f"--parallel={parallel}", *FAST, *extra]
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run
+
+    run = torchrun(tmp_path / "a", 2, "--evaluate=true", "--ode_steps=4")  # the evaluation, 4-step teacher sampler
     assert "held-out eval" in run.stdout, "the final evaluation did not run on the sharded / replicated student"
+    torchrun(tmp_path / "b", 1)
+    torchrun(tmp_path / "b", 2)
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert train.latest_checkpoint(tmp_path / "b")["step"] == 2 and wa.keys() == wb.keys()
+    assert not torch.equal(wa["rng.0.cpu"], wa["rng.1.cpu"]), "the two ranks must draw different streams"
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} tensors differ after a 2-process resume, e.g. {differ[:3]}"
 
 
 def test_sample_writes_a_playable_ten_second_mp4(tmp_path):
