@@ -219,16 +219,20 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
                 p.grad /= world
 
 
-def shard(net: torch.nn.Module, cfg: Config, per_block: bool, trainable: bool) -> torch.nn.Module:
+def shard(net: torch.nn.Module, cfg: Config, per_block: bool, frozen: bool) -> torch.nn.Module:
     """FSDP2: each block then the root (per_block), or the root only; bf16 compute with fp32 reduction on CUDA.
     The cache-using student is sharded at the root only: its streaming path computes the prompt's cross-attention
-    K/V outside the blocks' forward, where a per-block shard would not be gathered (1.3B in bf16: 2.6 GB)."""
+    K/V outside the blocks' forward, where a per-block shard would not be gathered (1.3B in bf16: 2.6 GB).
+    FSDP2 keeps the root gathered after a forward, for the backward that reshards it; `frozen` modules (teacher, EMA)
+    have no backward, so they reshard after every forward (else the 14B teacher would stay whole on every GPU and the
+    EMA would be updated as a gathered copy)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if cfg.bf16 and torch.cuda.is_available() else MixedPrecisionPolicy()
+    reshard = True if frozen else None  # None: FSDP2's default (blocks reshard, the root waits for the backward)
     for block in net.blocks if per_block else ():
-        fully_shard(block, mp_policy=mp, reshard_after_forward=trainable)
-    fully_shard(net, mp_policy=mp, reshard_after_forward=trainable)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(net, mp_policy=mp, reshard_after_forward=reshard)
     return net
 
 
@@ -455,13 +459,16 @@ def new_ema(cfg: Config, net: WanModel, device: torch.device) -> WanModel:
     with torch.random.fork_rng(devices=[]):
         ema = WanModel(net.cfg, net.causal, net.chunk_frames).to(device).requires_grad_(False)
     if cfg.parallel == "fsdp":
-        ema = shard(ema, cfg, per_block=False, trainable=False)
+        ema = shard(ema, cfg, per_block=False, frozen=True)
     ema.load_state_dict(net.state_dict())
     return ema
 
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    for m in (ema, net):  # FSDP2: a no-grad forward (critic rollout, evaluation) leaves the root gathered
+        if hasattr(m, "reshard"):
+            m.reshard()
     for pe, p in zip(ema.parameters(), net.parameters()):
         pe.lerp_(p.detach(), 1 - decay)
 
@@ -552,9 +559,9 @@ def main(argv: list[str]) -> None:
     if cfg.stage == "dmd":
         critic = build_net(cfg.model_size, cfg.critic_path or cfg.teacher_path, device)
     if cfg.parallel == "fsdp":
-        net = shard(net, cfg, per_block=cfg.stage == "teacher", trainable=True)
-        critic = critic and shard(critic, cfg, per_block=True, trainable=True)
-        teacher = teacher and shard(teacher, cfg, per_block=True, trainable=False)
+        net = shard(net, cfg, per_block=cfg.stage == "teacher", frozen=False)
+        critic = critic and shard(critic, cfg, per_block=True, frozen=False)
+        teacher = teacher and shard(teacher, cfg, per_block=True, frozen=True)
     if cfg.grad_checkpointing:
         for m in (net, critic):
             if m is not None:

@@ -169,17 +169,18 @@ def test_gradient_accumulation_equals_large_batch():
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
     """Replicated (all-reduced gradients) and FSDP2-sharded training, checkpoint and evaluation across 2 gloo ranks;
-    stop after 1 step and resume to 2 == the 2-step run (each rank's own RNG stream and balancer come back)."""
+    the EMA evaluated at step 1 then updated at step 2 (a frozen FSDP2 module must reshard after its forward); stop
+    after 1 step and resume to 2 == the 2-step run (each rank's own RNG stream and balancer come back)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               f"--out_dir={out}", f"--max_steps={steps}", "--ckpt_every=1", f"--parallel={parallel}", *FAST, *extra]
+               f"--out_dir={out}", f"--max_steps={steps}", "--ckpt_every=1", f"--parallel={parallel}", *FAST, "--gen_every=1", *extra]
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         return run
 
-    run = torchrun(tmp_path / "a", 2, "--evaluate=true", "--ode_steps=4")  # the evaluation, 4-step teacher sampler
+    run = torchrun(tmp_path / "a", 2, "--evaluate=true", "--sample_every=1", "--ode_steps=4")  # 4-step teacher sampler
     assert "held-out eval" in run.stdout, "the final evaluation did not run on the sharded / replicated student"
     torchrun(tmp_path / "b", 1)
     torchrun(tmp_path / "b", 2)
