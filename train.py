@@ -176,7 +176,7 @@ def validate_config(cfg: Config, sampling: bool = False) -> None:
         raise SystemExit(f"resolution {cfg.height}x{cfg.width} must divide by {factor} (VAE factor x patch size)")
     rewarded = cfg.stage == "dmd" and cfg.weighting != "none" and not sampling
     needed = {"teacher_path": cfg.stage != "teacher" and not sampling, "student_path": cfg.stage == "dmd",
-              "text_path": cfg.world == "wan" or cfg.stage != "teacher",
+              "text_path": cfg.world == "wan" or cfg.stage != "teacher" or bool(cfg.text_path),
               "critic_path": bool(cfg.critic_path) and not sampling}
     if cfg.world == "wan":
         needed.update(tokenizer_dir=True, vae_path=True, prompt_file=True, reward_base_dir=rewarded,
@@ -208,6 +208,13 @@ def finite_everywhere(loss: float, device: torch.device, world: int) -> bool:
     if world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
+
+
+def broadcast_from_rank0(module: torch.nn.Module, world: int) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does at construction)."""
+    if world > 1:
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -245,7 +252,7 @@ class World:
         self.cfg, self.device = cfg, device
         if cfg.world == "toy":
             self.vae = toy.ToyVAE().to(device)
-            encoder = toy.toy_text_encoder(cfg.text_path if Path(cfg.text_path).exists() else None)
+            encoder = toy.toy_text_encoder(cfg.text_path or None)  # empty: a fresh one (teacher stage only)
             self.text = text.TextEncoder(encoder.to(device), toy.toy_tokenizer(), text_len=toy.TOY_TEXT_LEN)
             self.reward = toy.ToyReward() if cfg.stage == "dmd" and cfg.weighting != "none" else None
             self.prompts = toy.toy_prompts()
@@ -550,7 +557,9 @@ def main(argv: list[str]) -> None:
     teacher = critic = ema = None
     if cfg.stage == "teacher":
         net = build_net(cfg.teacher_size, "", device)
-        if cfg.world == "toy" and not Path(cfg.text_path).exists() and rank == 0:
+        for m in (net, w.text.model):  # random inits (seed + rank) differ per rank: all start from rank 0's
+            broadcast_from_rank0(m, world)
+        if cfg.world == "toy" and not cfg.text_path and rank == 0:
             save_model(w.text.model, str(out / "text_encoder.safetensors"))  # tied embeddings: save_model, not save_file
     else:
         teacher = build_net(cfg.teacher_size, cfg.teacher_path, device).requires_grad_(False).eval()

@@ -191,6 +191,39 @@ def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
     assert not differ, f"{len(differ)} tensors differ after a 2-process resume, e.g. {differ[:3]}"
 
 
+def _teacher_stage_worker(rank: int, out: str, port: int):
+    """One rank of a 2-process teacher stage; records what each rank trains from at its first loss."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    loss = train.teacher_loss
+
+    def recorded(cfg, net, w, prompts, videos):
+        path = Path(out) / f"start_rank{rank}.pt"
+        if not path.exists():
+            torch.save({"net": net.state_dict(), "text": w.text.model.state_dict(), "videos": videos}, path)
+        return loss(cfg, net, w, prompts, videos)
+
+    train.teacher_loss = recorded
+    train.main([f"--out_dir={out}", "--stage=teacher", "--max_steps=1", "--batch_size=2", "--text_path=",
+                "--evaluate=false"])
+
+
+def test_teacher_stage_ranks_start_from_the_same_random_init(tmp_path):
+    """Replicated training of a randomly initialised network (the toy teacher and its text encoder): every rank must
+    start from rank 0's weights, and draw its own data."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_teacher_stage_worker, args=(str(tmp_path), port), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"start_rank{r}.pt") for r in range(2))
+    for part in ("net", "text"):
+        differ = [k for k in r0[part] if not torch.equal(r0[part][k], r1[part][k])]
+        assert not differ, f"{part}: {len(differ)} tensors differ between the ranks' starting weights, e.g. {differ[:3]}"
+    assert not torch.equal(r0["videos"], r1["videos"]), "each rank must draw its own batch"
+
+
 def test_sample_writes_a_playable_ten_second_mp4(tmp_path):
     import imageio.v3 as iio
     import sample
