@@ -202,9 +202,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
-def finite_everywhere(loss: float, device: torch.device, world: int) -> bool:
-    """One decision for all ranks (a rank that skipped its step while others all-reduce would hang them)."""
-    ok = torch.tensor(float(math.isfinite(loss)), device=device)
+def everywhere(flag: bool, device: torch.device, world: int) -> bool:
+    """True iff `flag` holds on every rank: one decision for all (a rank that skips a step or a teacher forward while
+    the others run collectives would hang them)."""
+    ok = torch.tensor(float(flag), device=device)
     if world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
@@ -619,7 +620,7 @@ def main(argv: list[str]) -> None:
                     (micro / cfg.grad_accum).backward()
                     loss += micro.item() / cfg.grad_accum
                 stats = {"loss": loss}
-                if finite_everywhere(loss, device, world):
+                if everywhere(math.isfinite(loss), device, world):
                     stats["grad_norm"] = optimizer_step(net, opt, cfg, world)
                 else:
                     opt.zero_grad(set_to_none=True)
@@ -681,7 +682,7 @@ def dmd_step(cfg, step, net, teacher, critic, w: World, lat, balancer, opts, wor
             (loss / cfg.grad_accum).backward()
             gen_loss += loss.item() / cfg.grad_accum
         stats.update(extra, gen_loss=gen_loss)
-        if finite_everywhere(gen_loss, device, world):
+        if everywhere(math.isfinite(gen_loss), device, world):
             stats["gen_grad_norm"] = optimizer_step(net, opts["net"][1], cfg, world)
         else:
             opts["net"][1].zero_grad(set_to_none=True)
@@ -691,7 +692,7 @@ def dmd_step(cfg, step, net, teacher, critic, w: World, lat, balancer, opts, wor
         (loss / cfg.grad_accum).backward()
         critic_loss += loss.item() / cfg.grad_accum
     stats["critic_loss"] = critic_loss
-    if finite_everywhere(critic_loss, device, world):
+    if everywhere(math.isfinite(critic_loss), device, world):
         stats["critic_grad_norm"] = optimizer_step(critic, opts["critic"][1], cfg, world)
     else:
         opts["critic"][1].zero_grad(set_to_none=True)
@@ -699,10 +700,17 @@ def dmd_step(cfg, step, net, teacher, critic, w: World, lat, balancer, opts, wor
 
 
 def ode_pairs(cfg: Config, teacher, w: World, out: Path, rank: int) -> dict:
-    """Teacher ODE trajectories (REFERENCE §6.6), generated once per run folder and reused on resume."""
+    """Teacher ODE trajectories (REFERENCE §6.6), generated once per run folder and reused on resume: by every rank
+    or by none (a sharded teacher's forward is a collective), and only with the settings that made them."""
     path, names = out / f"ode_pairs_rank{rank}.safetensors", out / f"ode_prompts_rank{rank}.json"
-    if path.exists():
-        return {"traj": load_file(str(path))["traj"], "prompts": json.loads(names.read_text())}
+    settings = {k: getattr(cfg, k) for k in ("teacher_path", "seed", "ode_pairs", "ode_steps", "ode_guidance",
+                                             "ode_shift", "num_frames", "height", "width")}
+    if everywhere(path.exists() and names.exists(), w.device, w.world):
+        saved = json.loads(names.read_text())
+        if saved["settings"] != settings:
+            raise SystemExit(f"{path} holds ODE pairs made with {saved['settings']}; this run asks for {settings}: "
+                             f"use another out_dir, or delete the ode_* files to make new ones")
+        return {"traj": load_file(str(path))["traj"], "prompts": saved["prompts"]}
     trajs, prompts = [], []
     for _ in tqdm(range(0, cfg.ode_pairs, cfg.batch_size), desc="ode pairs", disable=rank != 0):
         p = w.sample_prompts(cfg.batch_size)
@@ -713,7 +721,7 @@ def ode_pairs(cfg: Config, teacher, w: World, out: Path, rank: int) -> dict:
                                                 shift=cfg.ode_shift).cpu())
         prompts += p
     data = {"traj": torch.cat(trajs), "prompts": prompts}
-    atomic_write(names, lambda p: Path(p).write_text(json.dumps(prompts)))
+    atomic_write(names, lambda p: Path(p).write_text(json.dumps({"settings": settings, "prompts": prompts})))
     atomic_write(path, lambda p: save_file({"traj": data["traj"].contiguous()}, p))
     return data
 

@@ -130,6 +130,17 @@ def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
     assert all(torch.equal(exported[k], ema[k]) for k in ema) and exported.keys() == ema.keys()
 
 
+def test_ode_pairs_are_reused_only_with_the_settings_that_made_them(tmp_path):
+    ode = [f"--out_dir={tmp_path}", "--stage=ode", "--batch_size=2", "--ode_pairs=2",
+           "--evaluate=false"]
+    train.main(ode + ["--max_steps=1"])
+    made = (tmp_path / "ode_pairs_rank0.safetensors").stat().st_mtime_ns
+    train.main(ode + ["--max_steps=2"])  # resume: the same pairs, not regenerated
+    assert (tmp_path / "ode_pairs_rank0.safetensors").stat().st_mtime_ns == made
+    with pytest.raises(SystemExit, match="ode_guidance"):
+        train.main(ode + ["--max_steps=3", "--ode_guidance=3.0"])
+
+
 def test_non_finite_loss_skips_the_update_and_stops_when_it_repeats(tmp_path, monkeypatch):
     """A NaN generator loss: the update is skipped (weights unchanged, logged), and max_bad_steps in a row stop the run."""
     import dmd
