@@ -110,7 +110,7 @@ class Config:
     parallel: str = "ddp"               # ddp (replicated, gradients all-reduced) | fsdp (FSDP2 fully_shard)
     bf16: bool = True                   # autocast on CUDA; CPU always fp32
     grad_checkpointing: bool = False
-    max_bad_steps: int = 3              # consecutive non-finite losses before the run stops
+    max_bad_steps: int = 3              # consecutive skipped updates of one network (non-finite loss or gradient)
 
 
 # --------------------------------------------------------------------------------------------- config I/O
@@ -482,14 +482,17 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 
 
 def optimizer_step(net, opt, cfg: Config, world: int) -> float:
-    """All-reduce (replicated) -> clip -> step; returns the pre-clip gradient norm."""
+    """All-reduce (replicated) -> clip -> step; returns the pre-clip gradient norm. A non-finite norm (a finite loss
+    whose backward overflowed) skips the step; every rank sees the same norm of the reduced gradient, so all skip."""
     params = [p for p in net.parameters() if p.requires_grad]
     if cfg.parallel == "ddp":
         all_reduce_grads(params, world)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-    opt.step()
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if math.isfinite(norm):
+        opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -586,7 +589,7 @@ def main(argv: list[str]) -> None:
     def nets():
         return {"net": net, "critic": critic, "ema": ema}
 
-    step, bad_steps = 0, 0
+    step, bad = 0, {}  # consecutive skipped updates per loss
     meta = latest_checkpoint(out)
     if cfg.ema_start == 0 or meta and meta["has_ema"]:
         ema = new_ema(cfg, net, device)
@@ -624,17 +627,20 @@ def main(argv: list[str]) -> None:
                     stats["grad_norm"] = optimizer_step(net, opt, cfg, world)
                 else:
                     opt.zero_grad(set_to_none=True)
-        if not all(math.isfinite(v) for k, v in stats.items() if "loss" in k):
-            bad_steps += 1
-            stats["skipped"] = 1
-            if bad_steps >= cfg.max_bad_steps:
-                raise SystemExit(f"step {step}: {bad_steps} consecutive non-finite losses {stats}; stopping")
-        else:
-            bad_steps = 0
+        # an update was taken iff its loss and gradient norm are finite (gen_loss -> gen_grad_norm, loss -> grad_norm)
+        taken = {k: math.isfinite(v) and math.isfinite(stats.get(k.replace("loss", "grad_norm"), math.nan))
+                 for k, v in stats.items() if k.endswith("loss")}
+        for k, ok in taken.items():
+            bad[k] = 0 if ok else bad.get(k, 0) + 1
+            if bad[k] >= cfg.max_bad_steps:
+                raise SystemExit(f"step {step}: {bad[k]} consecutive {k} updates skipped (non-finite loss or gradient) "
+                                 f"{stats}; stopping")
+        if not all(taken.values()):
+            stats["skipped"] = [k for k, ok in taken.items() if not ok]
         step += 1
         if ema is None and step >= cfg.ema_start:
             ema = new_ema(cfg, net, device)
-        elif ema is not None and ("gen_grad_norm" if cfg.stage == "dmd" else "grad_norm") in stats:  # updates taken
+        elif ema is not None and taken.get("gen_loss" if cfg.stage == "dmd" else "loss"):
             ema_update(ema, net, cfg.ema_decay)
         stats.update(step=step, time=round(time.time() - t0, 3))
         if log:

@@ -7,6 +7,7 @@ stop-gradient tensor for dmd_loss(weight=...). Layouts: per-rollout weights [B];
 [B, F, h, w]; intra weights [B, F, 1, h, w], broadcast over latent channels. Defaults: SR1's shipped config
 (§8.3, §8.4).
 """
+import math
 from collections import deque
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def re_dmd_weight(r_mq: Tensor, beta: float = 2.0) -> Tensor:
 class RewardBalancer:
     """Adaptive reward balancing (SR1 BalancedOverall, REFERENCE §8.3).
 
-    Per axis a, H_a holds the last `window` z-scores. update(z) appends each rollout's z, then returns
+    Per axis a, H_a holds the last `window` z-scores. update(z) appends each rollout's finite z, then returns
         r_final = mean_a z_a - lam * std_unbiased_a(Delta_a),  Delta_a = mean(H_a[h:]) - mean(H_a[:h]),
         h = max(1, |H_a| // 2),
     once `warmup` rollouts were seen and every |H_a| >= 4; before that the penalty is 0. The penalty is one number for
@@ -74,6 +75,8 @@ class RewardBalancer:
             raise ValueError(f"z must be [B, {self.num_axes}], got {tuple(z.shape)}")
         z = z.detach().float()
         for row in z.cpu().tolist():
+            if not all(math.isfinite(v) for v in row):  # its loss is skipped; kept, it would poison `window` calls
+                continue
             for h, v in zip(self.history, row):
                 h.append(v)
             self.seen += 1

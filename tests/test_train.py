@@ -2,6 +2,7 @@
 gradient accumulation == large batch, two-process torchrun on CPU, and a playable streamed mp4."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -145,12 +146,34 @@ def test_non_finite_loss_skips_the_update_and_stops_when_it_repeats(tmp_path, mo
     """A NaN generator loss: the update is skipped (weights unchanged, logged), and max_bad_steps in a row stop the run."""
     import dmd
     monkeypatch.setattr(dmd, "dmd_loss", lambda x0, g, weight=None: (x0 * float("nan")).mean())
-    with pytest.raises(SystemExit, match="2 consecutive non-finite losses"):
+    with pytest.raises(SystemExit, match="2 consecutive gen_loss updates skipped"):
         train.main([f"--out_dir={tmp_path}", "--max_steps=5", "--max_bad_steps=2", *FAST, "--gen_every=1",
                     "--weighting=none"])
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r.get("skipped") for r in logged] == [1], f"expected one logged skipped step before the stop, got {logged}"
+    assert [r.get("skipped") for r in logged] == [["gen_loss"]], f"expected one logged skipped step, got {logged}"
     assert "gen_grad_norm" not in logged[0] and "critic_grad_norm" in logged[0], "the critic still trains"
+
+
+def test_non_finite_gradient_skips_the_generator_step_and_critic_steps_do_not_hide_it(tmp_path, monkeypatch):
+    """A finite loss whose backward gives NaN: no optimizer step (the student stays finite and unchanged), and the
+    run stops after max_bad_steps generator updates in a row although the critic updates in between are fine."""
+    import dmd
+    loss = dmd.dmd_loss
+
+    def nan_gradient(x0, g, weight=None):
+        x0.register_hook(lambda grad: grad * float("nan"))
+        return loss(x0, g, weight)
+
+    monkeypatch.setattr(dmd, "dmd_loss", nan_gradient)
+    with pytest.raises(SystemExit, match="2 consecutive gen_loss updates skipped"):
+        train.main([f"--out_dir={tmp_path}", "--max_steps=8", "--max_bad_steps=2", "--ckpt_every=1", *FAST,
+                    "--gen_every=2", "--weighting=none"])
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in logged] == [["gen_loss"], None], f"got {logged}"
+    assert math.isfinite(logged[0]["gen_loss"]) and math.isnan(logged[0]["gen_grad_norm"])
+    start = load_file(train.Config.student_path)
+    net = train.network_weights(final_weights(tmp_path), "net")
+    assert all(torch.equal(net[k], start[k]) for k in start), "a NaN gradient must not change the student"
 
 
 def test_gradient_accumulation_equals_large_batch():

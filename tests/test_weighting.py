@@ -70,6 +70,16 @@ def test_balancer_batch_appends_every_rollout_and_shares_the_penalty():
     assert torch.allclose(got, torch.tensor([5 / 3 - p, 8 / 3 - p])), f"got {got.tolist()}"
 
 
+def test_balancer_leaves_non_finite_rewards_out_of_its_history():
+    a, b = RewardBalancer(window=4, warmup=3, lam=0.5), RewardBalancer(window=4, warmup=3, lam=0.5)
+    for z, _ in SEQUENCE[:4]:
+        a.update(torch.tensor([z], dtype=torch.float32))
+        b.update(torch.tensor([z], dtype=torch.float32))
+    got = a.update(torch.tensor([[float("nan"), 0.0, 0.0], SEQUENCE[4][0]]))
+    assert math.isnan(got[0]) and torch.allclose(got[1:], b.update(torch.tensor([SEQUENCE[4][0]], dtype=torch.float32)))
+    assert a.state_dict() == b.state_dict(), "the NaN row must not enter the history"
+
+
 def test_balancer_state_round_trip_through_json():
     a = RewardBalancer(window=4, warmup=3, lam=0.5)
     for z, _ in SEQUENCE[:4]:
