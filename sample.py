@@ -39,13 +39,19 @@ def parse(argv: list[str]) -> tuple[Config, dict]:
 
 
 def student_weights(cfg: Config, ckpt: str) -> tuple[str | dict, str]:
-    """--ckpt, else the EMA (or generator) of the latest checkpoint in out_dir, else the configured student init."""
+    """--ckpt (any format load_wan_weights reads, or one of train.py's step checkpoints: its EMA, else its generator),
+    else the EMA (or generator) of the latest checkpoint in out_dir, else the configured student init."""
     if ckpt:
         if not Path(ckpt).exists():
             raise SystemExit(f"--ckpt {ckpt} does not exist")
-        return ckpt, ckpt
+        tensors = load_file(ckpt) if ckpt.endswith(".safetensors") else {}
+        name = next((n for n in ("ema", "net") if f"{n}.patch_embedding.weight" in tensors), None)
+        return (network_weights(tensors, name), f"{ckpt} ({name})") if name else (ckpt, ckpt)
     meta = latest_checkpoint(Path(cfg.out_dir))
     if meta is None:
+        if not Path(cfg.student_path).exists():
+            raise SystemExit(f"no --ckpt, no checkpoint in {cfg.out_dir}, and student_path {cfg.student_path or '(empty)'}"
+                             f" does not exist: nothing to sample from")
         return cfg.student_path, cfg.student_path
     name = "ema" if meta["has_ema"] else "net"
     return network_weights(load_file(str(Path(cfg.out_dir) / meta["file"])), name), f"{meta['file']} ({name})"

@@ -175,7 +175,7 @@ def validate_config(cfg: Config, sampling: bool = False) -> None:
     if cfg.height % factor or cfg.width % factor:
         raise SystemExit(f"resolution {cfg.height}x{cfg.width} must divide by {factor} (VAE factor x patch size)")
     rewarded = cfg.stage == "dmd" and cfg.weighting != "none" and not sampling
-    needed = {"teacher_path": cfg.stage != "teacher" and not sampling, "student_path": cfg.stage == "dmd",
+    needed = {"teacher_path": cfg.stage != "teacher" and not sampling, "student_path": cfg.stage == "dmd" and not sampling,
               "text_path": cfg.world == "wan" or cfg.stage != "teacher" or bool(cfg.text_path),
               "critic_path": bool(cfg.critic_path) and not sampling}
     if cfg.world == "wan":

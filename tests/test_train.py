@@ -265,3 +265,21 @@ def test_sample_writes_a_playable_ten_second_mp4(tmp_path):
     sample.main([f"--out={out}", "--seconds=10", "--upscale=2", f"--out_dir={tmp_path}"])
     frames = iio.imread(out)
     assert frames.shape[0] >= 160 and frames.shape[-1] == 3, f"mp4 has shape {frames.shape}"
+
+
+def test_sample_reads_a_step_checkpoint_as_ckpt_without_a_student_init(tmp_path, capsys):
+    """--ckpt step_N.safetensors (train.py's own format) == sampling that run's out_dir: the same EMA, the same video;
+    and --ckpt needs no student_path on disk."""
+    import imageio.v3 as iio
+    import sample
+    run = tmp_path / "run"
+    train.main([f"--out_dir={run}", "--max_steps=2", "--ckpt_every=1", *FAST])
+    step = run / train.latest_checkpoint(run)["file"]
+    videos = {}
+    for name, args in {"auto": [f"--out_dir={run}"],
+                       "ckpt": [f"--ckpt={step}", f"--out_dir={tmp_path / 'none'}", "--student_path=missing.pt"]}.items():
+        sample.main(args + [f"--out={tmp_path / name}.mp4", "--frames=12", "--upscale=1"])
+        videos[name] = iio.imread(tmp_path / f"{name}.mp4")
+    printed = capsys.readouterr().out
+    assert f"student: {step} (ema)" in printed, printed
+    assert videos["auto"].shape[0] >= 12 and (videos["auto"] == videos["ckpt"]).all(), "--ckpt sampled another model"
