@@ -264,7 +264,9 @@ class World:
             self.text = text.load_text_encoder(cfg.text_path, cfg.tokenizer_dir, device=device)
             self.reward = None
             if cfg.stage == "dmd" and cfg.weighting != "none":
-                self.reward = reward.VideoReward.from_pretrained(cfg.reward_base_dir, cfg.reward_release_dir, device=device)
+                self.reward = reward.VideoReward.from_pretrained(cfg.reward_base_dir, cfg.reward_release_dir,
+                                                                 device=device,
+                                                                 gradient_checkpointing=cfg.grad_checkpointing)
             self.prompts = [p.strip() for p in Path(cfg.prompt_file).read_text().splitlines() if p.strip()]
         self.vae.requires_grad_(False)
         self.rank, self.world = rank, world
@@ -406,9 +408,16 @@ def gather_from_ranks(obj) -> list:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from: those steps run again."""
+    """Drop log lines written after the checkpoint we resume from (those steps run again), and a line cut short by
+    the kill."""
+    def logged_by(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except json.JSONDecodeError:
+            return False
+
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        keep = [line for line in path.read_text().splitlines() if logged_by(line)]
         atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
 
 

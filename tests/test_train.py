@@ -116,6 +116,13 @@ def test_resume_is_bit_exact(tmp_path):
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
 
 
+def test_resume_truncates_the_log_to_the_checkpoint_and_drops_a_cut_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2, "eval": {}}\n{"step": 3}\n{"step": 4, "gen_lo')  # killed mid-write
+    train.truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "eval": {}}\n'
+
+
 def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
     """Every stage keeps an EMA of what it trains: ema_k = d ema_(k-1) + (1 - d) net_k, and model.safetensors is the
     EMA (what the toy teacher asset ships)."""
