@@ -67,9 +67,9 @@ class Config:
     # geometry (latent frames; pixels for height/width)
     num_frames: int = toy.TOY_FRAMES
     chunk_frames: int = toy.TOY_CHUNK
-    window_frames: int = toy.TOY_WINDOW
+    window_frames: int = toy.TOY_WINDOW   # 0: a global cache (no eviction)
     sink_frames: int = toy.TOY_SINK
-    ema_alpha: float = toy.TOY_EMA_ALPHA
+    ema_alpha: float = toy.TOY_EMA_ALPHA  # 0: a plain sink, never fused (no EMA)
     height: int = toy.TOY_SIZE
     width: int = toy.TOY_SIZE
     # schedule (REFERENCE §1.4-1.6)
