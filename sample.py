@@ -44,9 +44,11 @@ def student_weights(cfg: Config, ckpt: str) -> tuple[str | dict, str]:
     if ckpt:
         if not Path(ckpt).exists():
             raise SystemExit(f"--ckpt {ckpt} does not exist")
-        tensors = load_file(ckpt) if ckpt.endswith(".safetensors") else {}
+        if not ckpt.endswith(".safetensors"):
+            return ckpt, ckpt
+        tensors = load_file(ckpt)  # read once: handed on as a dict
         name = next((n for n in ("ema", "net") if f"{n}.patch_embedding.weight" in tensors), None)
-        return (network_weights(tensors, name), f"{ckpt} ({name})") if name else (ckpt, ckpt)
+        return (network_weights(tensors, name), f"{ckpt} ({name})") if name else (tensors, ckpt)
     meta = latest_checkpoint(Path(cfg.out_dir))
     if meta is None:
         if not Path(cfg.student_path).exists():

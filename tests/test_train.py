@@ -139,8 +139,7 @@ def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
 
 
 def test_ode_pairs_are_reused_only_with_the_settings_that_made_them(tmp_path):
-    ode = [f"--out_dir={tmp_path}", "--stage=ode", "--batch_size=2", "--ode_pairs=2",
-           "--evaluate=false"]
+    ode = [f"--out_dir={tmp_path}", "--stage=ode", "--batch_size=2", "--ode_pairs=2", "--evaluate=false"]
     train.main(ode + ["--max_steps=1"])
     made = (tmp_path / "ode_pairs_rank0.safetensors").stat().st_mtime_ns
     train.main(ode + ["--max_steps=2"])  # resume: the same pairs, not regenerated
@@ -216,8 +215,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
 
     def torchrun(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               f"--out_dir={out}", f"--max_steps={steps}", "--ckpt_every=1", f"--parallel={parallel}", *FAST, "--gen_every=1", *extra]
-        cmd += ["--grad_checkpointing=true"] if parallel == "fsdp" else []  # the Wan presets' combination
+               f"--out_dir={out}", f"--max_steps={steps}", "--ckpt_every=1", f"--parallel={parallel}", *FAST,
+               "--gen_every=1", f"--grad_checkpointing={parallel == 'fsdp'}", *extra]  # fsdp: as the Wan presets
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         return run
