@@ -8,9 +8,15 @@ Layouts: latents x [B, F, C, H, W] (frame-major); timesteps t [B] or [B, F] floa
 [B, L <= text_len, text_dim]. Inside the network the residual stream is [B, F, S, D] with S = (H/ph)(W/pw) tokens per
 frame in row-major (h, w) order; attention runs on [B, F*S, heads, head_dim] through SDPA. Output v = eps - x0, like x.
 
-Precision (REFERENCE §2.6, official mode): parameters fp32; on CUDA the caller runs the model under bf16 autocast and
-the time MLP and head run with autocast disabled. The residual stream, modulation adds and norms stay fp32 by type
-promotion (fp32 residual + bf16 branch -> fp32). On CPU everything is fp32.
+Precision (REFERENCE §2.6, official mode), the same on CPU and CUDA; without autocast everything is fp32 (CPU default):
+- parameters fp32; FSDP2 hands the forward bf16 copies (mixed_precision_policy()). Both run under bf16 autocast (bf16
+  ones need it), which runs linears, the patch conv and attention (SDPA) in bf16.
+- fp32 islands whatever the parameter dtype (Linear32 and LayerNorm use fp32 copies of bf16 weights): sinusoid float64
+  -> fp32, time MLP, time_projection, modulation adds, the whole head. t must arrive fp32/fp64 (bf16: 937.5 -> 936).
+- residual stream fp32 after the first add (bf16 branch x fp32 gate); LayerNorm/RMSNorm statistics fp32; RoPE angles
+  float64, tables complex64, q and k roped in fp32; output v fp32.
+- K/V cache: frames in the dtype written (V bf16 under autocast; K fp32 with fp32 parameters, through the RMSNorm
+  weight); the EMA-sink accumulates in fp32 and attention reads it in that dtype (§10.26).
 """
 import json
 import math
@@ -71,9 +77,12 @@ class WanConfig:
         return cls(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 
 
-def fp32_region(device: torch.device):
-    """Autocast off: the official fp32 islands (time MLP, head; REFERENCE §2.6)."""
-    return torch.autocast(device.type, enabled=False)
+def mixed_precision_policy():
+    """FSDP2 policy for every fully_shard'ed WanModel module (blocks and root), run under bf16 autocast: bf16 compute
+    copies, fp32 gradient reduction, and no input cast, which would round t (937.5 -> 936) at the root and the fp32
+    residual stream and modulation at each block (REFERENCE §2.6); autocast makes the compute casts instead."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -131,11 +140,20 @@ class RopeTables(NamedTuple):
     cache_roped: bool  # which key the cache stores: roped (absolute geometry) or before RoPE (relative)
 
 
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back (WanLayerNorm, REFERENCE §2.4)."""
+class Linear32(nn.Linear):
+    """nn.Linear in fp32 whatever the parameter dtype and autocast (fp32 islands, §2.6); no-op casts in fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), self.bias.float())
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (with fp32 copies of bf16 affine weights) and cast back (WanLayerNorm, §2.4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -227,10 +245,12 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
     def forward(self, x, e0, ctx, cross_kv, rope, past, chunk_tokens):
-        """x [B, F, S, D]; e0 [B, F or 1, 6, D]; ctx [B, text_len, D] (used when cross_kv is None).
+        """x [B, F, S, D]; e0 [B, F or 1, 6, D] fp32; ctx [B, text_len, D] (used when cross_kv is None).
 
         Returns x and this block's (k, v) for the cache.
         """
+        if e0.dtype != torch.float32:  # FSDP2's default input cast: the residual stream would be rounded too
+            raise ValueError(f"block got the modulation in {e0.dtype}; shard with model.mixed_precision_policy()")
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).chunk(6, dim=2)  # each [B, F|1, 1, D]
         y, kv = self.self_attn.self_attention(self.norm1(x) * (1 + scale1) + shift1, rope, past, chunk_tokens)
         x = x + y * gate1
@@ -245,14 +265,13 @@ class Head(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.head = Linear32(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, F, S, D], e [B, F|1, D] -> [B, F, S, out_dim*prod(patch)] fp32."""
-        with fp32_region(x.device):
-            shift, scale = (self.modulation + e[:, :, None]).chunk(2, dim=2)
-            return self.head(self.norm(x.float()) * (1 + scale) + shift)
+        """x [B, F, S, D], e [B, F|1, D] fp32 -> [B, F, S, out_dim*prod(patch)] fp32."""
+        shift, scale = (self.modulation + e[:, :, None]).chunk(2, dim=2)
+        return self.head(self.norm(x.float()) * (1 + scale) + shift)
 
 
 class WanModel(nn.Module):
@@ -272,8 +291,8 @@ class WanModel(nn.Module):
         D = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.time_embedding = nn.Sequential(Linear32(cfg.freq_dim, D), nn.SiLU(), Linear32(D, D))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear32(D, 6 * D))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.init_weights()
@@ -301,9 +320,8 @@ class WanModel(nn.Module):
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] or [B, F] -> e [B, F|1, D] (for the head), e0 [B, F|1, 6, D] (for the blocks), fp32 (§2.3, §3.1)."""
         t = t if t.ndim == 2 else t[:, None]
-        with fp32_region(t.device):
-            e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.cfg.freq_dim).float())
-            e0 = self.time_projection(e)
+        e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.cfg.freq_dim).float())
+        e0 = self.time_projection(e)
         return e.unflatten(0, t.shape), e0.unflatten(0, t.shape).unflatten(-1, (6, -1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: "KVCache | None" = None,
@@ -350,6 +368,8 @@ class WanModel(nn.Module):
             raise ValueError(f"latent H x W = {H} x {W} is not divisible by the patch ({ph}, {pw})")
         if not (t.shape == (B,) or t.shape == (B, nf)):
             raise ValueError(f"t must be [B]=[{B}] or [B, F]=[{B}, {nf}], got {tuple(t.shape)}")
+        if t.dtype in (torch.bfloat16, torch.float16):  # e.g. FSDP2's default input cast: 937.5 -> 936
+            raise ValueError(f"t must be fp32 or fp64, got {t.dtype}; shard with model.mixed_precision_policy()")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [B={B}, L, text_dim={cfg.text_dim}], got {tuple(context.shape)}")
         if context.shape[1] > cfg.text_len:
@@ -418,7 +438,7 @@ class KVCache:
     - the first S frames ever written are the sink; a chunk attends [sink | most recent W-S frames incl. itself];
     - write(): append the chunk, then evict the oldest non-sink frames the next chunk will not see (keep W-S-k), and
       with ema_alpha fuse them into the sink per layer/token, K and V: sink = a*sink + (1-a)*evicted (§3.7; the
-      evicted count must equal S, §10.3). ema_alpha=None: a fixed sink.
+      evicted count must equal S, §10.3; accumulated in fp32, §10.26). ema_alpha=None: a fixed sink.
     - rope="relative": K cached before RoPE, positions 0..n-1 over [sink | window | chunk] at attention time
       (Reward Forcing; with W=None these are the absolute positions). rope="absolute": K cached after RoPE at
       absolute frame positions (Self-Forcing / LongLive geometry), capped at 1024 frames.
@@ -446,6 +466,7 @@ class KVCache:
         self.frames_written = 0
         self.tokens_per_frame = None
         self.k, self.v = [None] * num_layers, [None] * num_layers  # [B, frames, S, heads, head_dim]: [sink | recent]
+        self.sink32 = {}  # ("k" | "v", layer): fp32 EMA-sink behind a lower-precision self.k / self.v sink
         self.cross_context, self.cross_kv = None, None
 
     @property
@@ -482,16 +503,20 @@ class KVCache:
                                     for old, z in ((self.k[i], k), (self.v[i], v)))
             n_evict = 0 if keep is None else self.k[i].shape[1] - sink_after - keep
             if n_evict > 0:
-                self.k[i], self.v[i] = (self.evict(z, sink_after, n_evict) for z in (self.k[i], self.v[i]))
+                self.k[i], self.v[i] = (self.evict(z, (name, i), sink_after, n_evict)
+                                        for name, z in (("k", self.k[i]), ("v", self.v[i])))
         self.frames_written += nf
 
-    def evict(self, z: torch.Tensor, sink_len: int, n_evict: int) -> torch.Tensor:
-        """Drop the oldest n_evict non-sink frames of z [B, frames, ...]; EMA: sink = a*sink + (1-a)*evicted."""
+    def evict(self, z: torch.Tensor, key: tuple[str, int], sink_len: int, n_evict: int) -> torch.Tensor:
+        """Drop the oldest n_evict non-sink frames of z [B, frames, ...]; EMA: sink = a*sink + (1-a)*evicted in fp32:
+        a bf16 sink would freeze (§10.26), so below fp32 the sink accumulates in sink32[key] and z holds it rounded."""
         sink, evicted, recent = z[:, :sink_len], z[:, sink_len:sink_len + n_evict], z[:, sink_len + n_evict:]
         if self.ema_alpha is not None:
             if evicted.shape[1] != sink.shape[1]:
                 raise RuntimeError(f"EMA-sink: {evicted.shape[1]} evicted frames vs {sink.shape[1]} sink frames")
-            sink = self.ema_alpha * sink + (1 - self.ema_alpha) * evicted
+            sink = self.ema_alpha * self.sink32.get(key, sink).float() + (1 - self.ema_alpha) * evicted.float()
+            if z.dtype != sink.dtype:
+                self.sink32[key], sink = sink, sink.to(z.dtype)
         return torch.cat([sink, recent], dim=1)
 
 
