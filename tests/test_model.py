@@ -1,6 +1,6 @@
 """model.py: parity with diffusers' WanTransformer3DModel in every checkpoint format, official parameter counts,
 streaming == block-causal forward, window / sink / EMA-sink cache geometry, clear errors (CPU, fp32 + SDPA); the
-official bf16 mode with fp32 or bf16 parameters and single-process FSDP2 (CPU bf16 autocast, REFERENCE §2.6, §10.26)."""
+official bf16 mode with fp32 or bf16 parameters and single-process FSDP2 (CPU bf16 autocast, REFERENCE §2.6)."""
 import copy
 import json
 
