@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import save_model
 
 import dmd
+import config
 import sample
 import toy
 import train
@@ -76,7 +77,7 @@ def toy_assets() -> tuple[list[str], str]:
     """train.py / sample.py overrides for the toy networks, and a line saying which: the shipped assets/ when all three
     files exist, else random-init stand-ins of the current toy configs, rewritten on every call (seed 0: the same
     files each time, so resumed runs see the same stand-ins) to out/bench/random_init/."""
-    cfg = train.Config()
+    cfg = config.Config()
     keys = ("teacher_path", "student_path", "text_path")
     if all(Path(getattr(cfg, k)).exists() for k in keys):
         return [], "shipped toy assets (assets/)"
@@ -88,7 +89,8 @@ def toy_assets() -> tuple[list[str], str]:
         save_wan_weights(WanModel(toy.toy_dit_config(), causal=True, chunk_frames=cfg.chunk_frames),
                          files["student_path"])
     save_model(toy.toy_text_encoder(), str(files["text_path"]))  # tied embeddings: save_model, not save_file
-    return [f"--{k}={p}" for k, p in files.items()], "RANDOM-INIT stand-ins (assets/ missing): speed only"
+    args = [f"--{k}={p}" for k, p in files.items()] + [f"--critic_path={files['teacher_path']}"]
+    return args, "RANDOM-INIT stand-ins (assets/ missing): speed only"
 
 
 def cache_bytes(cache) -> int:
@@ -195,21 +197,22 @@ def stream_memory(args: list[str], seconds: float, threads: int, result) -> None
     """Child process (spawned: a fresh heap): stream `seconds` of toy video as sample.py does (dmd.generate_chunk, the
     streaming decoder, frames to uint8 and dropped); put peak RSS before/after and cache bytes into `result`."""
     torch.set_num_threads(threads)
-    cfg = train.load_config(args)
+    cfg = config.load_config(args)
     device = torch.device("cpu")
-    w = train.World(cfg, device, rank=0, world=1)
-    student = train.build_net(cfg.model_size, cfg.student_path, device, causal=True,
+    parts = config.Components(cfg, device)
+    student = config.build_net(cfg.model_size, cfg.student_path, device, causal=True,
                               chunk_frames=cfg.chunk_frames).eval()
-    ctx = w.context([w.prompts[0]])
-    _, c, h, wd = w.latent_shape()
+    ctx = parts.context([parts.prompts[0]])
+    _, c, h, width = parts.latent_shape()
     steps = dmd.warped_steps(cfg.steps, cfg.shift)
-    chunks = math.ceil(seconds * sample.FPS / w.vae.temporal_factor / cfg.chunk_frames)
-    cache, decoder = student.new_cache(1, **train.cache_options(cfg)), w.vae.stream_decoder()
+    chunks = math.ceil(seconds * sample.FPS / parts.vae.temporal_factor / cfg.chunk_frames)
+    cache, decoder = student.new_cache(1, **cfg.cache_options()), parts.vae.stream_decoder()
     latency, most, after_first = [], 0, 0.0
     with torch.no_grad():
         for _ in range(chunks):
             start = time.perf_counter()
-            pixels = decoder(dmd.generate_chunk(student, torch.randn(1, cfg.chunk_frames, c, h, wd), ctx, cache, steps))
+            noise = torch.randn(1, cfg.chunk_frames, c, h, width)
+            pixels = decoder(dmd.generate_chunk(student, noise, ctx, cache, steps))
             ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # what sample.py hands the writer
             latency.append(time.perf_counter() - start)
             most = max(most, cache_bytes(cache))
@@ -220,10 +223,10 @@ def stream_memory(args: list[str], seconds: float, threads: int, result) -> None
 
 def bench_memory(short: float = 5.0, long: float = 60.0, global_seconds: float = 20.0):
     """Peak memory vs stream length: the toy student streams `short` and `long` seconds at 16 fps with window 9 /
-    sink 3 / EMA-sink (train.Config's toy geometry), and `global_seconds` with a global cache (window None), each in
+    sink 3 / EMA-sink (config.Config's toy geometry), and `global_seconds` with a global cache (window None), each in
     a fresh spawned process. Peak RSS growth = peak RSS at the end - peak RSS after the first chunk."""
     asset_args, which = toy_assets()
-    cfg = train.load_config(asset_args)
+    cfg = config.load_config(asset_args)
     window = [f"--window_frames={cfg.window_frames}", f"--sink_frames={cfg.sink_frames}",
               f"--ema_alpha={cfg.ema_alpha}"]
     runs = [(f"window {cfg.window_frames} + EMA-sink {cfg.sink_frames}", short, window),
@@ -261,18 +264,18 @@ def bench_train_step(reps: int = 5):
     generator_loss + backward + step end to end for each weighting.
     """
     asset_args, which = toy_assets()
-    cfgs = {wt: train.load_config(asset_args + [f"--weighting={wt}"]) for wt in ("none", "re_dmd", "stream_r1")}
+    cfgs = {wt: config.load_config(asset_args + [f"--weighting={wt}"]) for wt in ("none", "re_dmd", "stream_r1")}
     cfg, device = cfgs["stream_r1"], torch.device("cpu")
-    w = train.World(cfg, device, rank=0, world=1)
-    teacher = train.build_net(cfg.teacher_size, cfg.teacher_path, device).requires_grad_(False).eval()
-    student = train.build_net(cfg.model_size, cfg.student_path, device, causal=True, chunk_frames=cfg.chunk_frames)
-    critic = train.build_net(cfg.model_size, cfg.critic_path or cfg.teacher_path, device)
+    parts = config.Components(cfg, device)
+    teacher = config.build_net(cfg.teacher_size, cfg.teacher_path, device).requires_grad_(False).eval()
+    student = config.build_net(cfg.model_size, cfg.student_path, device, causal=True, chunk_frames=cfg.chunk_frames)
+    critic = config.build_net(cfg.model_size, cfg.critic_path, device)
     opt_net, opt_critic = train.make_optimizer(student, cfg.lr, cfg), train.make_optimizer(critic, cfg.lr_critic, cfg)
     balancer = weighting.RewardBalancer(cfg.balance_window, cfg.balance_warmup, cfg.balance_lambda)
-    B, lat, steps = cfg.batch_size, w.latent_shape(), dmd.warped_steps(cfg.steps, cfg.shift)
-    exit_step, cache = len(steps) - 1, train.cache_options(cfg)
-    prompts = w.sample_prompts(B)
-    ctx, neg = w.context(prompts), w.negative_context(B)
+    B, lat, steps = cfg.batch_size, parts.latent_shape(), dmd.warped_steps(cfg.steps, cfg.shift)
+    exit_step, cache = len(steps) - 1, cfg.cache_options()
+    prompts = parts.sample_prompts(B)
+    ctx, neg = parts.context(prompts), parts.negative_context(B)
     times = defaultdict(list)
 
     def clock(name, fn):
@@ -295,22 +298,22 @@ def bench_train_step(reps: int = 5):
         g = clock("dmd_gradient (teacher + critic)", lambda: dmd.dmd_gradient(x0, t, eps, teacher, critic, ctx, neg,
                                                                               cfg.guidance))
         with torch.no_grad():
-            pixels = clock("VAE decode (part of reward_weight)", lambda: w.vae.decode(x0.detach().float()))
-        clock("reward forward, score only", lambda: w.reward.score_and_saliency(pixels, prompts, axes=train.AXES))
-        clock("reward forward + saliency backwards (part of reward_weight)", lambda: w.reward.score_and_saliency(
+            pixels = clock("VAE decode (part of reward_weight)", lambda: parts.vae.decode(x0.detach().float()))
+        clock("reward forward, score only", lambda: parts.reward.score_and_saliency(pixels, prompts, axes=train.AXES))
+        clock("reward forward + saliency backwards (part of reward_weight)", lambda: parts.reward.score_and_saliency(
             pixels, prompts, latent_shape=(lat[0], *lat[2:]), axes=train.AXES))
         weight, _ = clock("reward_weight (decode, reward, saliency, weights)",
-                          lambda: train.reward_weight(cfg, x0, prompts, w, balancer))
+                          lambda: train.reward_weight(cfg, x0, prompts, parts, balancer))
         clock("generator backward (weighted dmd_loss)", lambda: dmd.dmd_loss(x0, g, weight).backward())
-        clock("generator optimizer step", lambda: train.optimizer_step(student, opt_net, cfg, 1))
+        clock("generator optimizer step", lambda: train.optimizer_step(student, opt_net, cfg.clip))
         with torch.no_grad():
             x0 = clock("critic rollout (no graph)", rollout)
         clock("critic loss forward + backward", lambda: dmd.critic_loss(critic, x0, t, eps, ctx).backward())
-        clock("critic optimizer step", lambda: train.optimizer_step(critic, opt_critic, cfg, 1))
+        clock("critic optimizer step", lambda: train.optimizer_step(critic, opt_critic, cfg.clip))
         for wt in list(cfgs)[rep % 3:] + list(cfgs)[:rep % 3]:  # rotated, so load drift hits all alike
             c, draw = cfgs[wt], (prompts, torch.randn(B, *lat), exit_step, t, eps)
-            clock(f"e2e {wt}", lambda: (train.generator_loss(c, student, teacher, critic, w, *draw, balancer)[0]
-                                        .backward(), train.optimizer_step(student, opt_net, c, 1)))
+            clock(f"e2e {wt}", lambda: (train.generator_loss(c, student, teacher, critic, parts, *draw, balancer)[0]
+                                        .backward(), train.optimizer_step(student, opt_net, c.clip)))
     med = {name: statistics.median(ts[1:]) for name, ts in times.items()}
     plain_gen = sum(med[k] for k in ("rollout (student, with graph)", "dmd_gradient (teacher + critic)",
                                      "generator backward (weighted dmd_loss)", "generator optimizer step"))
@@ -394,29 +397,29 @@ def final_eval(out: Path, steps: int) -> dict | None:
 
 
 def held_out_reward(args: list[str], out: Path, logged: dict) -> dict:
-    """Toy reward z per axis, mean over the held-out videos train.evaluate scored (EVAL_PROMPTS, seed 1234, the
+    """Toy reward z per axis, mean over the held-out videos toy.evaluate scored (EVAL_PROMPTS, seed 1234, the
     final model.safetensors = the EMA or generator it evaluated): the reward axes for every variant alike. `logged`:
     that eval's line, to check these are the same videos."""
-    cfg, device = train.load_config(args), torch.device("cpu")
-    w = train.World(cfg, device, rank=0, world=1)
-    student = train.build_net(cfg.model_size, str(out / "model.safetensors"), device, causal=True,
+    cfg, device = config.load_config(args), torch.device("cpu")
+    parts = config.Components(cfg, device)
+    student = config.build_net(cfg.model_size, str(out / "model.safetensors"), device, causal=True,
                               chunk_frames=cfg.chunk_frames).eval()
     prompts = list(toy.EVAL_PROMPTS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        videos = train.stream_samples(student, w, cfg, prompts, cfg.num_frames)
+        videos = toy.stream_samples(student, parts, cfg, prompts, cfg.num_frames)
     again = toy.evaluate_videos(videos, prompts)
     if any(again[k] != logged[k] for k in again):
-        raise SystemExit(f"{out}: regenerated held-out videos give {again}, train.evaluate logged {logged}")
+        raise SystemExit(f"{out}: regenerated held-out videos give {again}, toy.evaluate logged {logged}")
     res = toy.ToyReward().score_and_saliency(videos, prompts, axes=train.AXES)
     return {f"eval_{a}": res.z[:, i].mean().item() for i, a in enumerate(res.axes)}
 
 
-def bench_ablation(steps: int = train.Config.max_steps, seeds: int = 2, jobs: int = 1,
+def bench_ablation(steps: int = config.Config.max_steps, seeds: int = 2, jobs: int = 1,
                    variants: str = ",".join(ABLATION)):
     """Toy ablation table: each variant x seed is `python train.py <overrides> --seed=S --out_dir=out/ablation/<key>_sS
     --max_steps=N` (same compute), `jobs` at a time, one thread each; finished runs are skipped and interrupted ones
-    resume from their checkpoints. Columns: train.evaluate's held-out colour/direction accuracy and teacher distance,
+    resume from their checkpoints. Columns: toy.evaluate's held-out colour/direction accuracy and teacher distance,
     the toy reward z on the same held-out videos, and the logged training reward z (last 20% of generator steps)."""
     asset_args, which = toy_assets()
     root = Path("out/ablation" if not asset_args else "out/ablation_random_init")  # never mix real and stand-in runs
@@ -432,7 +435,7 @@ def bench_ablation(steps: int = train.Config.max_steps, seeds: int = 2, jobs: in
     def launch(run: tuple[str, int]) -> int:
         out, start = root / f"{run[0]}_s{run[1]}", time.time()
         out.mkdir(parents=True, exist_ok=True)
-        # train.evaluate's teacher videos are the same in every run (same teacher, prompts, seed 1234 after the same
+        # toy.evaluate's teacher videos are the same in every run (same teacher, prompts, seed 1234 after the same
         # number of draws): copy them from a finished run (model.safetensors written) instead of 48 teacher steps
         name = "teacher_eval.safetensors"
         donor = next((d / name for d in root.glob("*_s*")
@@ -456,7 +459,7 @@ def bench_ablation(steps: int = train.Config.max_steps, seeds: int = 2, jobs: in
             raise SystemExit("some runs failed (see above); rerun the same command to resume them")
     cols = ["color_accuracy", "direction_accuracy", "teacher_distance", *(f"eval_{a}" for a in train.AXES),
             *(f"train_{a}" for a in train.AXES)]
-    gen_updates = math.ceil(steps / train.Config.gen_every)
+    gen_updates = math.ceil(steps / config.Config.gen_every)
     print(f"### toy ablation: {steps} optimizer steps per run (generator updates: {gen_updates}), seeds "
           f"0-{seeds - 1}, mean ± sample std over seeds; {which}\n")
     print("| variant | colour acc. | direction acc. | teacher dist. (lower is better) | held-out VQ | held-out MQ | "
@@ -485,10 +488,10 @@ def bench_ablation(steps: int = train.Config.max_steps, seeds: int = 2, jobs: in
 def bench_blur(passes: int = 2, seed: int = 0, upscale: int = 6, png: str = "assets/blur_stress_test.png"):
     """Saliency blur stress test: one toy video per held-out prompt (toy.EVAL_PROMPTS) with the lower half of every
     frame box-blurred (toy._box_blur, `passes` 3x3 passes), scored by toy.ToyReward with saliency, fused and factored
-    into Stream-R1's intra weights with train.Config's floors; mean weight on the blurred vs the sharp half, the same
+    into Stream-R1's intra weights with config.Config's floors; mean weight on the blurred vs the sharp half, the same
     videos unblurred as the control. Renders video 0 (frames, weight, per-axis saliency; pixels enlarged `upscale`
     times) with weighting.render_weight_map to `png`."""
-    cfg, vae, reward = train.Config(), toy.ToyVAE(), toy.ToyReward()
+    cfg, vae, reward = config.Config(), toy.ToyVAE(), toy.ToyReward()
     prompts = list(toy.EVAL_PROMPTS)
     clean, _ = toy.toy_batch(len(prompts), cfg.num_frames, torch.Generator().manual_seed(seed), prompts=prompts)
     H = clean.shape[-2]

@@ -3,7 +3,8 @@
 Paper objects, top to bottom: the flow-matching schedule (sigma, add_noise, x0_from_flow, warped_steps), the DMD/critic
 timestep sampler, the random exit step, the per-chunk few-step procedure shared by training and sampling
 (generate_chunk), the Self-Forcing rollout (self_forcing_rollout), the DMD gradient and generator loss (dmd_gradient,
-dmd_loss), the critic's flow loss (critic_loss), and the ODE initialisation (teacher_trajectory, ode_regression_loss).
+dmd_loss), the critic's flow loss (critic_loss), and the ODE initialisation (teacher_trajectory, ode_regression_loss,
+ode_pairs).
 
 Layouts: latents [B, F, C, H, W]; timesteps t are floats in [0, 1000], per sample [B] or per frame [B, F]. Every network
 predicts the flow v = eps - x0 and is called as net(x, t, context[, cache=..., write_cache=...]) (model.py).
@@ -12,6 +13,7 @@ sigma = t / 1000 always, never a nearest-grid lookup (REFERENCE.md §10.14).
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from model import KVCache, WanModel
 
@@ -304,3 +306,21 @@ def ode_regression_loss(student: WanModel, trajectory: Tensor, context: Tensor, 
     mask = (t != 0).to(x0.dtype)[:, :, None, None, None]
     sq = (x0 - trajectory[:, -1]) ** 2 * mask
     return sq.sum() / (mask.sum() * sq[0, 0].numel()).clamp_min(1)
+
+
+@torch.no_grad()
+def ode_pairs(teacher: WanModel, parts, num_pairs: int, batch_size: int, guidance: float, num_steps: int,
+              shift: float) -> tuple[Tensor, list[str]]:
+    """Teacher trajectories for ode_regression_loss (CausVid / Self-Forcing ODE pairs, §6.6): per batch, prompts from
+    parts.sample_prompts(batch_size), fresh noise [B, *parts.latent_shape()], teacher_trajectory with the default
+    kept states. `parts`: config.Components. Returns (trajectories [N, K, F, C, H, W] on CPU, their N prompts),
+    N = batch_size * ceil(num_pairs / batch_size)."""
+    trajs, prompts = [], []
+    quiet = dist.is_initialized() and dist.get_rank() != 0
+    for _ in tqdm(range(0, num_pairs, batch_size), desc="ode pairs", disable=quiet):
+        p = parts.sample_prompts(batch_size)
+        noise = torch.randn(batch_size, *parts.latent_shape(), device=parts.device)
+        trajs.append(teacher_trajectory(teacher, noise, parts.context(p), parts.negative_context(len(p)),
+                                        guidance=guidance, num_steps=num_steps, shift=shift).cpu())
+        prompts += p
+    return torch.cat(trajs), prompts

@@ -7,6 +7,7 @@ Frames are appended to the mp4 as each chunk is decoded, so memory stays bounded
 `window_frames` latent frames). Uses the same `dmd.generate_chunk` as the training rollout: one code path for the cache.
 Prints FPS (decoded frames / wall time, VAE included) and per-chunk latency at the end.
 """
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,24 +19,29 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import dmd
-from train import Config, World, build_net, cache_options, latest_checkpoint, load_config, network_weights
+from checkpoint import latest_checkpoint, network_weights
+from config import FIELDS, Components, Config, build_net, load_config, parse_flags, typed
 from model import load_wan_weights
 
 FPS = 16  # Wan's sample_fps (REFERENCE §1.2); one toy latent is one frame, so the toy plays at the same rate
+OWN = {"ckpt": (str, ""), "prompt": (str, None), "seconds": (float, 10.0), "frames": (int, None), "out": (str, ""),
+       "upscale": (int, 8)}  # sample.py's own flags: (type, default); the others are train.py's Config
 
 
 def parse(argv: list[str]) -> tuple[Config, dict]:
-    """sample.py's own flags (--ckpt, --prompt, --seconds, --frames, --out, --upscale), the rest is train.py's Config."""
-    own = {"ckpt": "", "prompt": "", "seconds": "10", "frames": "", "out": "", "upscale": "8"}
-    rest = []
-    for a in argv:
-        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
-        if key in own and "=" in a:
-            own[key] = a.split("=", 1)[1]
-        else:
-            rest.append(a)
-    cfg = load_config(rest + ["--stage=dmd", "--weighting=none"], sampling=True)
-    return cfg, own
+    """sample.py's own flags (OWN), then train.py's Config from the rest; --key=value or --key value."""
+    flags = parse_flags(argv)
+    own = {key: typed(key, flags.pop(key), kind) if key in flags else default for key, (kind, default) in OWN.items()}
+    unknown = [k for k in flags if k not in FIELDS and k != "config"]
+    if unknown:
+        raise SystemExit(f"unknown flag --{unknown[0]}; sample.py takes --{', --'.join(OWN)} and the config's keys: "
+                         f"{', '.join(FIELDS)}")
+    if own["prompt"] is not None and not own["prompt"].strip():
+        raise SystemExit("--prompt is empty: give the text to generate, or leave --prompt out for the world's first")
+    for key in ("seconds", "frames", "upscale"):
+        if own[key] is not None and not 0 < own[key] < math.inf:
+            raise SystemExit(f"--{key}={own[key]}: expected a number > 0")
+    return load_config({**flags, "stage": "dmd", "weighting": "none"}, sampling=True), own
 
 
 def student_weights(cfg: Config, ckpt: str) -> tuple[str | dict, str]:
@@ -63,31 +69,31 @@ def main(argv: list[str]) -> None:
     cfg, own = parse(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    w = World(cfg, device, rank=0, world=1)
+    parts = Components(cfg, device)
     weights, source = student_weights(cfg, own["ckpt"])
     student = build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames).eval()
     load_wan_weights(student, weights)
-    prompt = own["prompt"] or w.prompts[0]
-    frames_wanted = int(own["frames"]) if own["frames"] else int(float(own["seconds"]) * FPS)
-    tf = w.vae.temporal_factor
+    prompt = own["prompt"] or parts.prompts[0]
+    frames_wanted = own["frames"] or int(own["seconds"] * FPS)
+    tf = parts.vae.temporal_factor
     latents = max(1, -(-(frames_wanted - 1) // tf) + 1)               # pixel frames 1 + tf (F - 1)
     chunks = -(-latents // cfg.chunk_frames)
     out = Path(own["out"] or Path(cfg.out_dir) / "sample.mp4")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"student: {source}\nprompt: {prompt!r}\n{chunks} chunks of {cfg.chunk_frames} latent frames -> {out}")
 
-    ctx = w.context([prompt])
-    _, c, h, wd = w.latent_shape()
-    cache = student.new_cache(1, **cache_options(cfg))
+    ctx = parts.context([prompt])
+    _, channels, height, width = parts.latent_shape()
+    cache = student.new_cache(1, **cfg.cache_options())
     steps = dmd.warped_steps(cfg.steps, cfg.shift)
-    decoder, latency, n_frames = w.vae.stream_decoder(), [], 0
-    up = int(own["upscale"]) if cfg.world == "toy" else 1
+    decoder, latency, n_frames = parts.vae.stream_decoder(), [], 0
+    up = own["upscale"] if cfg.world == "toy" else 1
     start = time.perf_counter()
     with imageio.get_writer(out, fps=FPS, codec="libx264", quality=8, macro_block_size=1) as writer, torch.no_grad(), \
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
         for _ in tqdm(range(chunks), desc="chunks"):
             t0 = time.perf_counter()
-            noise = torch.randn(1, cfg.chunk_frames, c, h, wd, device=device)
+            noise = torch.randn(1, cfg.chunk_frames, channels, height, width, device=device)
             pixels = decoder(dmd.generate_chunk(student, noise, ctx, cache, steps))[0].float()
             frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             if device.type == "cuda":

@@ -11,7 +11,9 @@ Stand-ins, with the interfaces of the real components (REFERENCE.md §1.2 for th
   (<pad>=0, </s>=1 appended, <unk>=2, as umT5, REFERENCE §4.3).
 - `toy_dit_config`: the tiny Wan DiT shared by teacher, critic and student.
 - `ToyReward`: hand-written, differentiable VQ / MQ / TA reward with VideoReward's `score_and_saliency` (§7.5, §8.3).
-- `evaluate_videos`, `teacher_distance`: the held-out evaluation (plain measurements, not the reward).
+- `evaluate_videos`, `teacher_distance`: the held-out evaluation (plain measurements, not the reward); `evaluate`
+  runs it on a student's streamed samples during training.
+- `teacher_loss`: the toy teacher's flow-matching pretraining (train.py --stage=teacher).
 Pixels are [B, T, 3, H, W] in [-1, 1]; pixel coordinates x (column) to the right, y (row) down.
 """
 import itertools
@@ -21,13 +23,16 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+import dmd
+from checkpoint import atomic_write
 from model import WanConfig
 from reward import RewardResult
 
@@ -448,3 +453,74 @@ def teacher_distance(student_videos: Tensor, teacher_videos: Tensor) -> float:
     feats = [torch.cat([t["rgb"], t["velocity"], t["area"][:, None]], 1)
              for t in (_track_object(student_videos), _track_object(teacher_videos))]
     return (feats[0] - feats[1]).norm(dim=1).mean().item()
+
+
+# ------------------------------------------------------------------------------------------------ toy training stage
+def teacher_loss(net: nn.Module, parts, prompts: list[str], videos: Tensor, cfg_dropout: float) -> Tensor:
+    """Flow-matching pretraining loss of the toy teacher on videos [B, T, 3, H, W] (train.py --stage=teacher).
+
+    x0 = encode(videos); context dropped to the negative context with prob cfg_dropout (for CFG); t = 1000 sigma,
+    sigma ~ U(0, 1), not shifted: the teacher must be accurate at every noise level its samplers and the DMD gradient
+    query (few draws near sigma = 0 leave residual noise in its samples); L = mean |net(x_t, t) - (eps - x0)|^2.
+    `parts`: config.Components (vae, context, negative_context).
+    """
+    x0 = parts.vae.encode(videos)
+    ctx = parts.context(prompts)
+    drop = torch.rand(len(prompts), device=x0.device) < cfg_dropout
+    ctx = torch.where(drop.view(-1, 1, 1), parts.negative_context(len(prompts)), ctx)
+    t = 1000 * torch.rand(len(prompts), device=x0.device)
+    eps = torch.randn_like(x0)
+    return (net(dmd.add_noise(x0, eps, t), t, ctx) - (eps - x0)).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------------------------ held-out evaluation
+EVAL_SEED = 1234
+
+
+@torch.no_grad()
+def stream_samples(student: nn.Module, parts, cfg, prompts: list[str], num_frames: int) -> Tensor:
+    """Chunk-by-chunk generation with the same cache code as training: pixels [B, T, 3, H, W] in [-1, 1].
+    `parts`: config.Components; `cfg`: config.Config (steps, shift, chunk_frames, the cache geometry)."""
+    ctx = parts.context(prompts)
+    _, channels, height, width = parts.latent_shape()
+    cache = student.new_cache(len(prompts), **cfg.cache_options())
+    steps = dmd.warped_steps(cfg.steps, cfg.shift)
+    decoder, frames = parts.vae.stream_decoder(), []
+    for _ in range(num_frames // cfg.chunk_frames):
+        noise = torch.randn(len(prompts), cfg.chunk_frames, channels, height, width, device=ctx.device)
+        frames.append(decoder(dmd.generate_chunk(student, noise, ctx, cache, steps)))
+    return torch.cat(frames, dim=1)
+
+
+def evaluate(student: nn.Module, teacher: nn.Module, parts, cfg, out: Path, step: int) -> dict:
+    """Held-out evaluation (not the reward): colour / direction accuracy on EVAL_PROMPTS and the distance to the
+    teacher's samples, from seed EVAL_SEED (the training RNG untouched); rank 0 saves a strip of 8 videos.
+    Every rank calls it: a sharded forward is a collective."""
+    prompts = list(EVAL_PROMPTS)
+    with torch.random.fork_rng():
+        torch.manual_seed(EVAL_SEED)
+        videos = stream_samples(student, parts, cfg, prompts, cfg.num_frames)
+        teacher_videos = teacher_samples(teacher, parts, cfg, prompts, out)
+    stats = evaluate_videos(videos, prompts)
+    stats["teacher_distance"] = teacher_distance(videos, teacher_videos)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_strip(videos[:8], out / f"samples_{step:06d}.png")
+    return stats
+
+
+def teacher_samples(teacher: nn.Module, parts, cfg, prompts: list[str], out: Path) -> Tensor:
+    """The teacher's many-step CFG samples [B, T, 3, H, W] of `prompts` (ode_steps Euler steps at ode_guidance),
+    computed once per run folder (teacher_eval.safetensors)."""
+    path = out / "teacher_eval.safetensors"
+    cached = path.exists()
+    if dist.is_initialized():  # every rank decides before any writes: a sharded teacher needs all ranks in its forwards
+        dist.barrier()
+    if cached:
+        return load_file(str(path))["videos"]
+    noise = torch.randn(len(prompts), *parts.latent_shape(), device=parts.device)
+    traj = dmd.teacher_trajectory(teacher, noise, parts.context(prompts), parts.negative_context(len(prompts)),
+                                  guidance=cfg.ode_guidance, num_steps=cfg.ode_steps, shift=cfg.ode_shift, keep=(-1,))
+    videos = parts.vae.decode(traj[:, -1]).cpu()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        atomic_write(path, lambda p: save_file({"videos": videos.contiguous()}, p))
+    return videos

@@ -1,9 +1,15 @@
-"""train.py / sample.py end to end on the toy world: config handling, bad input, resume == uninterrupted run,
-gradient accumulation == large batch, two-process torchrun on CPU, and a playable streamed mp4."""
-import dataclasses
+"""train.py / sample.py end to end on the toy world: typed config and bad input, the EMA, clipping, gradient
+accumulation and the Re-DMD / critic wiring through the loop, checkpoints (keep-last-2, damaged ones skipped, a kill
+mid-write), resume == uninterrupted run and its config check, DDP / FSDP2 across two CPU processes, and sampling."""
+import functools
+import itertools
 import json
 import math
 import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,74 +20,125 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import checkpoint
+import config
+import dmd
 import toy
 import train
 import weighting
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--batch_size=2", "--ema_start=1", "--gen_every=2", "--evaluate=false"]
+FAST = ["--batch_size=2", "--ema_start=1", "--gen_every=2", "--evaluate=false"]  # generator updates at steps 1, 3, ..
 
 
-def final_weights(out: Path) -> dict:
-    meta = train.latest_checkpoint(out)
-    return load_file(str(out / meta["file"]))
+def step_weights(out: Path, step: int | None = None) -> dict:
+    """The tensors of checkpoint `step` in `out` (default: the newest)."""
+    step = checkpoint.latest_checkpoint(out)["step"] if step is None else step
+    return load_file(str(out / f"step_{step:06d}.safetensors"))
 
 
+def differing(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys(), f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}"
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> Path:
+    """One uninterrupted FAST run of 4 steps with a checkpoint after each (the last two kept); read-only for tests."""
+    out = tmp_path_factory.mktemp("four_steps")
+    train.main([f"--out_dir={out}", "--max_steps=4", "--ckpt_every=1", *FAST])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- config
 def test_toy_preset_equals_embedded_defaults():
     preset = yaml.safe_load((ROOT / "configs" / "toy.yaml").read_text())
-    defaults = dataclasses.asdict(train.Config())
-    differ = {k: (v, defaults[k]) for k, v in preset.items() if (tuple(v) if isinstance(v, list) else v) != defaults[k]}
-    assert not differ, f"configs/toy.yaml differs from the Config defaults (yaml, code): {differ}"
-    assert set(preset) == set(defaults), f"toy.yaml misses {set(defaults) - set(preset)}"
+    cfg = config.Config(**{k: config.typed(k, v, config.FIELDS[k]) for k, v in preset.items()})
+    assert cfg == config.Config(), "configs/toy.yaml differs from the Config defaults"
+    assert set(preset) == set(config.FIELDS), f"toy.yaml misses {set(config.FIELDS) - set(preset)}"
 
 
 def test_wan_presets_parse_and_keep_the_reference_numbers():
     for name in ("wan1.3b_dmd", "wan1.3b_re_dmd", "wan1.3b_stream_r1", "wan1.3b_stream_r1_teacher1.3b"):
         raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
-        cfg = train.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        cfg = config.Config(**{k: config.typed(k, v, config.FIELDS[k]) for k, v in raw.items()})
         assert (cfg.lr, cfg.lr_critic, cfg.betas, cfg.gen_every, cfg.guidance) == (2e-6, 4e-7, (0.0, 0.999), 5, 4.0), name
         assert (cfg.window_frames, cfg.sink_frames, cfg.ema_alpha, cfg.num_frames) == (9, 3, 0.999, 21), name
+        assert cfg.critic_path and cfg.student_path, f"{name}: every network's init is explicit"
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected():
-    cfg = train.load_config(["--max_steps=7", "--spatial=false", "--steps=1000,500", "--lr", "0.5"])
+    cfg = config.load_config(["--max_steps=7", "--spatial=false", "--steps=1000,500", "--lr", "0.5"])
     assert (cfg.max_steps, cfg.spatial, cfg.steps, cfg.lr) == (7, False, (1000.0, 500.0), 0.5)
     with pytest.raises(SystemExit, match="unknown config key 'nope'"):
-        train.load_config(["--nope=1"])
-    with pytest.raises(SystemExit, match="expected a int"):
-        train.load_config(["--max_steps=many"])
+        config.load_config(["--nope=1"])
+    with pytest.raises(SystemExit, match="max_steps='many': expected an integer"):
+        config.load_config(["--max_steps=many"])
+
+
+def test_yaml_values_go_through_the_same_typed_parsing(tmp_path):
+    """PyYAML reads `1e-4` as text and a quoted 'false' as a non-empty string: both must mean what they say."""
+    preset = tmp_path / "c.yaml"
+    preset.write_text("lr: 1e-4\nspatial: 'false'\nsteps: [1000, 500]\nmax_steps: '12'\n")
+    cfg = config.load_config([f"--config={preset}", "--ema_decay", "0.5"])
+    assert (cfg.lr, cfg.spatial, cfg.steps, cfg.max_steps, cfg.ema_decay) == (1e-4, False, (1000.0, 500.0), 12, 0.5)
+    assert isinstance(cfg.lr, float)
+    for text, message in [("max_steps: ten", "max_steps='ten': expected an integer"),
+                          ("spatial: maybe", "spatial='maybe': expected true or false"),
+                          ("lr: fast", "lr='fast': expected a number"), ("batch_size: 2.5", "batch_size=2.5")]:
+        preset.write_text(text)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            config.load_config(["--config", str(preset)])
 
 
 @pytest.mark.parametrize("args, message", [
     (["--height=30"], "must divide by 8"),
     (["--num_frames=10"], "not a multiple of chunk_frames"),
     (["--teacher_path=missing.safetensors"], "teacher_path: missing.safetensors does not exist"),
+    (["--critic_path="], "critic_path: (empty) does not exist; the dmd stage needs it"),
     (["--weighting=rlhf"], "weighting='rlhf': expected one of"),
+    (["--model_size=7b"], "model_size='7b': expected one of ('toy', '1.3b', '14b')"),
+    (["--grad_accum=0"], "grad_accum=0: expected >= 1"),
+    (["--gen_every=0"], "gen_every=0: expected >= 1"),
+    (["--ckpt_every=0"], "ckpt_every=0: expected >= 1"),
+    (["--batch_size=0"], "batch_size=0: expected >= 1"),
+    (["--steps=1000,0"], "steps=(1000.0, 0.0): expected times in (0, 1000]"),
+    (["--steps=1200,500"], "steps=(1200.0, 500.0): expected times in (0, 1000]"),
+    (["--sink_frames=2"], "window_frames=9, sink_frames=2, ema_alpha=0.99, chunk_frames=3: EMA-sink fuses"),
+    (["--stage=ode", "--ode_steps=8"], "ode_steps=8"),
 ])
 def test_bad_input_fails_before_work(args, message):
-    with pytest.raises(SystemExit, match=message):
-        train.load_config(args)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        config.load_config(args)
 
 
 def test_empty_prompt_file_is_an_error(tmp_path):
     (tmp_path / "p.txt").write_text("\n  \n")
     with pytest.raises(SystemExit, match="holds no prompt"):
-        train.load_config([f"--prompt_file={tmp_path / 'p.txt'}"])
+        config.load_config([f"--prompt_file={tmp_path / 'p.txt'}"])
 
 
+# --------------------------------------------------------------------------------------------- the DMD step
 @pytest.mark.parametrize("spatial,temporal", [(True, True), (True, False), (False, True), (False, False)])
 def test_stream_r1_component_flags_pick_the_documented_weight(spatial, temporal):
     """spatial + temporal: SR1's factorised W; spatial alone: its global-min-max W_s (frames keep their saliency);
     temporal alone: w_t only (flat within each frame); neither: exp(beta r) per rollout only."""
-    cfg = train.load_config([f"--spatial={spatial}", f"--temporal={temporal}", "--balance=false"])
-    w = SimpleNamespace(vae=toy.ToyVAE(), reward=toy.ToyReward())
+    cfg = config.load_config([f"--spatial={spatial}", f"--temporal={temporal}", "--balance=false"])
+    parts = SimpleNamespace(vae=toy.ToyVAE(), reward=toy.ToyReward())
     torch.manual_seed(0)
-    x0 = 0.5 * torch.randn(2, cfg.num_frames, w.vae.z_dim, cfg.height // w.vae.spatial_factor,
-                           cfg.width // w.vae.spatial_factor)
+    x0 = 0.5 * torch.randn(2, cfg.num_frames, parts.vae.z_dim, cfg.height // parts.vae.spatial_factor,
+                           cfg.width // parts.vae.spatial_factor)
     prompts = toy.toy_prompts()[:2]
-    weight, stats = train.reward_weight(cfg, x0, prompts, w, balancer=None)
-    res = w.reward.score_and_saliency(w.vae.decode(x0), prompts, latent_shape=(x0.shape[1], *x0.shape[3:]),
-                                      axes=train.AXES)
+    weight, stats = train.reward_weight(cfg, x0, prompts, parts, balancer=None)
+    res = parts.reward.score_and_saliency(parts.vae.decode(x0), prompts, latent_shape=(x0.shape[1], *x0.shape[3:]),
+                                          axes=train.AXES)
     inter = torch.exp(cfg.beta * res.z.mean(1))
     if not (spatial or temporal):
         assert weight.shape == (2,) and torch.allclose(weight, inter), "no component: exp(beta r) per rollout"
@@ -103,24 +160,64 @@ def test_stream_r1_component_flags_pick_the_documented_weight(spatial, temporal)
             "temporal alone: one weight per frame, not all equal"
 
 
-def test_resume_is_bit_exact(tmp_path):
-    """Stop after 2 steps, resume to 4 == one 4-step run: generator, EMA, critic, optimizer states, RNG, balancer."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.main([f"--out_dir={a}", "--max_steps=4", "--ckpt_every=4", *FAST])
-    train.main([f"--out_dir={b}", "--max_steps=2", "--ckpt_every=1", *FAST])
-    train.main([f"--out_dir={b}", "--max_steps=4", "--ckpt_every=1", *FAST])
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    assert any(k.startswith("ema.") for k in wa) and any(k.startswith("opt.critic.") for k in wa)
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
+def spy_draws(monkeypatch) -> list:
+    """Record every draw_inputs of the loop (the real draws, handed on): generator micro-steps first on its steps."""
+    draws, draw = [], train.draw_inputs
+    monkeypatch.setattr(train, "draw_inputs", lambda cfg, parts: draws.append(draw(cfg, parts)) or draws[-1])
+    return draws
 
 
-def test_resume_truncates_the_log_to_the_checkpoint_and_drops_a_cut_line(tmp_path):
-    log = tmp_path / "log.jsonl"
-    log.write_text('{"step": 1}\n{"step": 2, "eval": {}}\n{"step": 3}\n{"step": 4, "gen_lo')  # killed mid-write
-    train.truncate_log(log, 2)
-    assert log.read_text() == '{"step": 1}\n{"step": 2, "eval": {}}\n'
+def test_re_dmd_weights_the_generator_loss_by_exp_beta_z_mq(tmp_path, monkeypatch):
+    """weighting=re_dmd through the loop: the weight dmd_loss receives is exp(beta z_MQ) of the decoded rollout, per
+    sample (Reward Forcing's Re-DMD), with the toy reward's MQ z of the generator's own prompts."""
+    seen, loss = [], dmd.dmd_loss
+    monkeypatch.setattr(dmd, "dmd_loss", lambda x0, g, weight=None: seen.append((x0.detach(), weight)) or loss(x0, g,
+                                                                                                               weight))
+    draws = spy_draws(monkeypatch)
+    train.main([f"--out_dir={tmp_path}", "--max_steps=1", "--weighting=re_dmd", "--beta=1.5", *FAST])
+    (x0, weight), = seen
+    res = toy.ToyReward().score_and_saliency(toy.ToyVAE().decode(x0), draws[0][0], axes=train.AXES)
+    want = torch.exp(1.5 * res.z[:, res.axes.index("MQ")])
+    assert weight.shape == (2,) and torch.allclose(weight, want, rtol=1e-5), f"weight {weight} != exp(beta z_MQ) {want}"
+
+
+def test_critic_trains_on_a_fresh_rollout_of_the_updated_student(tmp_path, monkeypatch):
+    """The critic's x0 is a new no-grad rollout of the student after its generator update, from the critic's own
+    draws, not the generator's rollout (exit step 0, so the rollout is a function of the drawn noise)."""
+    generated, critic_inputs, dmd_loss, critic_loss = [], [], dmd.dmd_loss, dmd.critic_loss
+    monkeypatch.setattr(dmd, "dmd_loss", lambda x0, g, w=None: generated.append(x0.detach()) or dmd_loss(x0, g, w))
+    monkeypatch.setattr(dmd, "critic_loss", lambda c, x0, t, eps, ctx: critic_inputs.append(x0) or critic_loss(
+        c, x0, t, eps, ctx))
+    monkeypatch.setattr(dmd, "sample_exit_step", lambda num_steps, device, generator=None: 0)
+    draws = spy_draws(monkeypatch)
+    train.main([f"--out_dir={tmp_path}", "--max_steps=1", "--ckpt_every=1", "--weighting=none", *FAST])
+    (x0,), (gen_x0,) = critic_inputs, generated
+    cfg = config.load_config([])
+    parts = config.Components(cfg, torch.device("cpu"))
+    student = config.build_net(cfg.model_size, "", parts.device, causal=True, chunk_frames=cfg.chunk_frames)
+    student.load_state_dict(checkpoint.network_weights(step_weights(tmp_path), "net"))
+    prompts, noise = draws[1][:2]
+    with torch.no_grad():
+        want = dmd.self_forcing_rollout(student, noise, parts.context(prompts), dmd.warped_steps(cfg.steps, cfg.shift),
+                                        0, cfg.cache_options())
+    assert not x0.requires_grad and not torch.allclose(x0, gen_x0), "the critic must not reuse the generator's rollout"
+    assert torch.allclose(x0, want, atol=1e-5), f"critic x0 is not a rollout of the updated student: " \
+                                                f"{(x0 - want).abs().max():.2e}"
+
+
+def test_ema_moves_only_after_taken_generator_updates(tmp_path, monkeypatch):
+    """FAST: generator updates at steps 1 and 3, critic-only steps 2 and 4, the EMA made at step 1. After the
+    generator update at 3, ema = d ema_2 + (1 - d) net_3; the critic-only step 4 leaves it (net_4 == net_3 != ema_3,
+    so an update there would move it)."""
+    monkeypatch.setattr(checkpoint, "save_checkpoint", functools.partial(checkpoint.save_checkpoint, keep=10))
+    train.main([f"--out_dir={tmp_path}", "--max_steps=4", "--ckpt_every=1", "--ema_decay=0.5", *FAST])
+    ema, net = ({s: checkpoint.network_weights(step_weights(tmp_path, s), name) for s in (2, 3, 4)}
+                for name in ("ema", "net"))
+    assert not differing(net[4], net[3]), "a critic-only step changed the generator"
+    assert differing(ema[3], net[3]), "the EMA equals the generator: the test could not see an update"
+    assert not differing(ema[4], ema[3]), "the EMA moved on a step without a generator update"
+    assert all(torch.allclose(ema[3][k], 0.5 * ema[2][k] + 0.5 * net[3][k], atol=1e-7) for k in ema[3]), \
+        "after a generator update the EMA must be d ema + (1 - d) net"
 
 
 def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
@@ -128,14 +225,183 @@ def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
     EMA (what the toy teacher asset ships)."""
     train.main([f"--out_dir={tmp_path}", "--stage=teacher", "--max_steps=3", "--ckpt_every=1", "--batch_size=2",
                 "--ema_start=1", "--ema_decay=0.75"])
-    prev, last = (load_file(str(tmp_path / f"step_{s:06d}.safetensors")) for s in (2, 3))
-    ema, net = train.network_weights(last, "ema"), train.network_weights(last, "net")
-    expected = {k: 0.75 * v + 0.25 * net[k] for k, v in train.network_weights(prev, "ema").items()}
+    prev, last = step_weights(tmp_path, 2), step_weights(tmp_path, 3)
+    ema, net = checkpoint.network_weights(last, "ema"), checkpoint.network_weights(last, "net")
+    expected = {k: 0.75 * v + 0.25 * net[k] for k, v in checkpoint.network_weights(prev, "ema").items()}
     assert ema.keys() == net.keys() == expected.keys()
     assert all(torch.allclose(ema[k], expected[k], atol=1e-7) for k in ema), "EMA update is not d ema + (1-d) net"
     assert any(not torch.equal(ema[k], net[k]) for k in ema), "the EMA is a copy of the network"
     exported = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(exported[k], ema[k]) for k in ema) and exported.keys() == ema.keys()
+
+
+def test_gradients_are_clipped_to_clip(tmp_path):
+    """Through the loop with clip far below the real gradient norms: AdamW's first moment (beta1 = 0: the applied
+    gradient) has norm exactly `clip` for the generator and the critic, while the logged pre-clip norms are larger."""
+    clip = 1e-3
+    train.main([f"--out_dir={tmp_path}", "--max_steps=1", f"--clip={clip}", "--betas=0.0,0.999", *FAST])
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    tensors = step_weights(tmp_path)
+    for name, key in (("net", "gen_grad_norm"), ("critic", "critic_grad_norm")):
+        moment = torch.cat([v.flatten() for k, v in tensors.items()
+                            if k.startswith(f"opt.{name}.") and k.endswith(".exp_avg")])
+        assert logged[key] > 10 * clip, f"{name}: gradient norm {logged[key]} is not above clip"
+        assert math.isclose(moment.norm().item(), clip, rel_tol=1e-4), \
+            f"{name}: applied gradient norm {moment.norm().item():.3g}, clip {clip}"
+
+
+def test_gradient_accumulation_equals_large_batch(tmp_path, monkeypatch):
+    """grad_accum=2 micro-batches of 2 == one batch of 4, through train.main: the generator's and the critic's
+    applied gradients after one step (AdamW's first moment with beta1 = 0). The loop's draws are fixed
+    ones, sliced per micro-batch, with exit step 0 (the rollout then draws nothing else)."""
+    torch.manual_seed(0)
+    cfg = config.Config()
+    lat = (cfg.num_frames, toy.ToyVAE.z_dim, cfg.height // toy.ToyVAE.spatial_factor,
+           cfg.width // toy.ToyVAE.spatial_factor)
+    prompts = [toy.toy_prompts()[i] for i in (0, 9, 18, 27)]
+    pools = [(prompts, torch.randn(4, *lat), torch.tensor([100.0, 400.0, 700.0, 950.0]), torch.randn(4, *lat))
+             for _ in ("generator", "critic")]
+    runs = {}
+    for name, args in {"batch": ["--batch_size=4"], "accum": ["--batch_size=2", "--grad_accum=2"]}.items():
+        calls = itertools.count()
+
+        def fixed(cfg, parts, calls=calls):
+            i, k, b = next(calls), cfg.grad_accum, cfg.batch_size
+            p, noise, t, eps = pools[i // k % 2]
+            s = slice(i % k * b, (i % k + 1) * b)
+            return p[s], noise[s], 0, t[s], eps[s]
+
+        monkeypatch.setattr(train, "draw_inputs", fixed)
+        train.main([f"--out_dir={tmp_path / name}", "--max_steps=1", "--gen_every=1", "--evaluate=false",
+                    "--weighting=stream_r1", "--balance=false", "--clip=1e9", "--betas=0.0,0.999", *args])
+        runs[name] = step_weights(tmp_path / name)
+    for name in ("net", "critic"):  # not the weights: Adam's first step is about lr * sign(g), ill-conditioned near 0
+        keys = [k for k in runs["batch"] if k.startswith(f"opt.{name}.") and k.endswith(".exp_avg")]
+        a, b = (torch.cat([runs[r][k].flatten() for k in keys]) for r in ("batch", "accum"))
+        err = (a - b).abs().max() / a.abs().max()
+        assert err < 1e-4, f"{name}: grad_accum=2 x 2 differs from batch 4 by {err:.2e} (relative)"
+
+
+# --------------------------------------------------------------------------------------------- non-finite updates
+def test_non_finite_loss_skips_the_update_and_stops_when_it_repeats(tmp_path, monkeypatch):
+    """A NaN generator loss: the update is skipped (weights unchanged, logged), and max_bad_steps in a row stop the run."""
+    monkeypatch.setattr(dmd, "dmd_loss", lambda x0, g, weight=None: (x0 * float("nan")).mean())
+    with pytest.raises(SystemExit, match="2 consecutive generator updates skipped"):
+        train.main([f"--out_dir={tmp_path}", "--max_steps=5", "--max_bad_steps=2", *FAST, "--gen_every=1",
+                    "--weighting=none"])
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in logged] == [["generator"]], f"expected one logged skipped step, got {logged}"
+    assert math.isnan(logged[0]["gen_grad_norm"]) and math.isfinite(logged[0]["critic_grad_norm"]), \
+        "the critic still trains"
+
+
+def test_non_finite_gradient_skips_the_generator_step_and_critic_steps_do_not_hide_it(tmp_path, monkeypatch):
+    """A finite loss whose backward gives NaN: no optimizer step (the student stays finite and unchanged), and the
+    run stops after max_bad_steps generator updates in a row although the critic updates in between are fine."""
+    loss = dmd.dmd_loss
+
+    def nan_gradient(x0, g, weight=None):
+        x0.register_hook(lambda grad: grad * float("nan"))
+        return loss(x0, g, weight)
+
+    monkeypatch.setattr(dmd, "dmd_loss", nan_gradient)
+    with pytest.raises(SystemExit, match="2 consecutive generator updates skipped"):
+        train.main([f"--out_dir={tmp_path}", "--max_steps=8", "--max_bad_steps=2", "--ckpt_every=1", *FAST,
+                    "--gen_every=2", "--weighting=none"])
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in logged] == [["generator"], None], f"got {logged}"
+    assert math.isfinite(logged[0]["gen_loss"]) and math.isnan(logged[0]["gen_grad_norm"])
+    start = load_file(config.Config.student_path)
+    net = checkpoint.network_weights(step_weights(tmp_path), "net")
+    assert all(torch.equal(net[k], start[k]) for k in start), "a NaN gradient must not change the student"
+
+
+# --------------------------------------------------------------------------------------------- checkpoints, resume
+def test_resume_is_bit_exact(tmp_path, four_steps):
+    """Stop after 2 steps, resume to 4 == one 4-step run: generator, EMA, critic, optimizer states, RNG, balancer."""
+    train.main([f"--out_dir={tmp_path}", "--max_steps=2", "--ckpt_every=1", *FAST])
+    train.main([f"--out_dir={tmp_path}", "--max_steps=4", "--ckpt_every=1", *FAST])
+    wa, wb = step_weights(four_steps), step_weights(tmp_path)
+    assert any(k.startswith("ema.") for k in wa) and any(k.startswith("opt.critic.") for k in wa)
+    differ = differing(wa, wb)
+    assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
+
+
+def test_resume_truncates_the_log_to_the_checkpoint_and_drops_a_cut_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2, "eval": {}}\n{"step": 3}\n{"step": 4, "gen_lo')  # killed mid-write
+    checkpoint.truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "eval": {}}\n'
+
+
+def test_checkpoints_keep_the_last_two_and_damaged_ones_are_skipped(tmp_path, four_steps):
+    """Only steps 3 and 4 are on disk; a truncated or garbled newest checkpoint falls back to step 3 with a warning
+    naming it (and training resumes from there to the same step 4); all damaged is an error, not a fresh start."""
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    assert sorted(p.name for p in run.glob("step_*")) == [
+        "step_000003.json", "step_000003.safetensors", "step_000004.json", "step_000004.safetensors"]
+    newest = run / "step_000004.safetensors"
+    os.truncate(newest, newest.stat().st_size // 2)
+    with pytest.warns(UserWarning, match="step_000004.json"):
+        assert checkpoint.latest_checkpoint(run)["step"] == 3
+    with pytest.warns(UserWarning, match="step_000004.json"):
+        train.main([f"--out_dir={run}", "--max_steps=4", "--ckpt_every=1", *FAST])
+    assert not differing(step_weights(run, 4), step_weights(four_steps, 4)), "resuming from step 3 gave another step 4"
+    (run / "step_000004.json").write_text('{"step": 4, "fi')
+    with pytest.warns(UserWarning, match="step_000004.json"):
+        assert checkpoint.latest_checkpoint(run)["step"] == 3
+    (run / "step_000003.safetensors").unlink()
+    with pytest.raises(SystemExit, match="no intact checkpoint.*step_000004.json.*step_000003.json"):
+        checkpoint.latest_checkpoint(run)
+    assert checkpoint.latest_checkpoint(tmp_path / "empty") is None
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+import checkpoint
+save_file = checkpoint.save_file
+def half_then_kill(tensors, path):  # the step-3 checkpoint: half its bytes on disk, then SIGKILL
+    save_file(tensors, path)
+    if "step_000003" in path:
+        os.truncate(path, os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_file = half_then_kill
+import train
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill_during_a_checkpoint_write_then_resume_is_bit_exact(tmp_path, four_steps):
+    """SIGKILL while step 3's checkpoint is half written: step 2 stays the newest, and resuming to 4 gives the
+    uninterrupted run's step 4 bit for bit, with one log line per step."""
+    args = [f"--out_dir={tmp_path}", "--max_steps=4", "--ckpt_every=1", *FAST]
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, *args], cwd=ROOT, capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "step_000003.safetensors.tmp").exists() and checkpoint.latest_checkpoint(tmp_path)["step"] == 2
+    train.main(args)
+    differ = differing(step_weights(four_steps, 4), step_weights(tmp_path, 4))
+    assert not differ, f"{len(differ)} tensors differ after a kill mid-write and a resume, e.g. {differ[:3]}"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], steps
+
+
+def test_resume_with_another_lr_is_refused_unless_allowed_then_applied(tmp_path, four_steps):
+    """A resume may change bookkeeping (max_steps) freely; --lr=0.5 is refused with the diff, and with
+    allow_config_change it is the optimizer's lr (not the checkpoint's 1e-4) and logged. Step 5 is a generator step."""
+    shutil.copytree(four_steps, tmp_path, dirs_exist_ok=True)
+    args = [f"--out_dir={tmp_path}", "--max_steps=5", "--ckpt_every=1", *FAST, "--lr=0.5"]
+    with pytest.raises(SystemExit, match=re.escape("lr: 0.0001 -> 0.5") + ".*allow_config_change=true"):
+        train.main(args)
+    train.main(args + ["--allow_config_change=true"])
+    meta = json.loads((tmp_path / "step_000005.json").read_text())
+    assert meta["opt_groups"]["net"][0]["lr"] == 0.5 and meta["opt_groups"]["critic"][0]["lr"] == 2e-4
+    before, after = (checkpoint.network_weights(step_weights(tmp_path, s), "net") for s in (4, 5))
+    moved = max((after[k] - before[k]).abs().max().item() for k in after)
+    assert moved > 0.05, f"the generator moved at most {moved:.2g} in a step at lr 0.5: the old lr was used"
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {"step": 4, "config_change": {"lr": [0.0001, 0.5]}} in logged
 
 
 def test_ode_pairs_are_reused_only_with_the_settings_that_made_them(tmp_path):
@@ -144,73 +410,16 @@ def test_ode_pairs_are_reused_only_with_the_settings_that_made_them(tmp_path):
     made = (tmp_path / "ode_pairs_rank0.safetensors").stat().st_mtime_ns
     train.main(ode + ["--max_steps=2"])  # resume: the same pairs, not regenerated
     assert (tmp_path / "ode_pairs_rank0.safetensors").stat().st_mtime_ns == made
-    with pytest.raises(SystemExit, match="ode_guidance"):
-        train.main(ode + ["--max_steps=3", "--ode_guidance=3.0"])
+    with pytest.raises(SystemExit, match="ode_pairs_rank0.safetensors holds ODE pairs made with.*ode_guidance"):
+        train.main(ode + ["--max_steps=3", "--ode_guidance=3.0", "--allow_config_change=true"])
 
 
-def test_non_finite_loss_skips_the_update_and_stops_when_it_repeats(tmp_path, monkeypatch):
-    """A NaN generator loss: the update is skipped (weights unchanged, logged), and max_bad_steps in a row stop the run."""
-    import dmd
-    monkeypatch.setattr(dmd, "dmd_loss", lambda x0, g, weight=None: (x0 * float("nan")).mean())
-    with pytest.raises(SystemExit, match="2 consecutive gen_loss updates skipped"):
-        train.main([f"--out_dir={tmp_path}", "--max_steps=5", "--max_bad_steps=2", *FAST, "--gen_every=1",
-                    "--weighting=none"])
-    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r.get("skipped") for r in logged] == [["gen_loss"]], f"expected one logged skipped step, got {logged}"
-    assert "gen_grad_norm" not in logged[0] and "critic_grad_norm" in logged[0], "the critic still trains"
-
-
-def test_non_finite_gradient_skips_the_generator_step_and_critic_steps_do_not_hide_it(tmp_path, monkeypatch):
-    """A finite loss whose backward gives NaN: no optimizer step (the student stays finite and unchanged), and the
-    run stops after max_bad_steps generator updates in a row although the critic updates in between are fine."""
-    import dmd
-    loss = dmd.dmd_loss
-
-    def nan_gradient(x0, g, weight=None):
-        x0.register_hook(lambda grad: grad * float("nan"))
-        return loss(x0, g, weight)
-
-    monkeypatch.setattr(dmd, "dmd_loss", nan_gradient)
-    with pytest.raises(SystemExit, match="2 consecutive gen_loss updates skipped"):
-        train.main([f"--out_dir={tmp_path}", "--max_steps=8", "--max_bad_steps=2", "--ckpt_every=1", *FAST,
-                    "--gen_every=2", "--weighting=none"])
-    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r.get("skipped") for r in logged] == [["gen_loss"], None], f"got {logged}"
-    assert math.isfinite(logged[0]["gen_loss"]) and math.isnan(logged[0]["gen_grad_norm"])
-    start = load_file(train.Config.student_path)
-    net = train.network_weights(final_weights(tmp_path), "net")
-    assert all(torch.equal(net[k], start[k]) for k in start), "a NaN gradient must not change the student"
-
-
-def test_gradient_accumulation_equals_large_batch():
-    """k micro-batches of b (each loss / k) give the gradient of one batch of k*b, for the weighted DMD loss."""
-    torch.manual_seed(0)
-    cfg = train.load_config(["--weighting=stream_r1", "--balance=false"])
-    w = train.World(cfg, torch.device("cpu"), 0, 1)
-    student = train.build_net(cfg.model_size, cfg.student_path, w.device, causal=True)
-    teacher = train.build_net(cfg.teacher_size, cfg.teacher_path, w.device).requires_grad_(False)
-    critic = train.build_net(cfg.model_size, cfg.teacher_path, w.device).requires_grad_(False)
-    balancer = None
-    prompts = w.sample_prompts(4)
-    noise, eps = torch.randn(2, 4, *w.latent_shape())
-    t = torch.tensor([100.0, 400.0, 700.0, 950.0])
-    grads = []  # exit step 0: the rollout draws no re-noising noise, so nothing depends on the batch split
-    for split in ([slice(0, 4)], [slice(0, 2), slice(2, 4)]):
-        student.zero_grad()
-        for s in split:
-            loss, _ = train.generator_loss(cfg, student, teacher, critic, w, prompts[s], noise[s], 0, t[s], eps[s],
-                                           balancer)
-            (loss / len(split)).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
-    err = (grads[0] - grads[1]).abs().max() / grads[0].abs().max()
-    assert err < 1e-5, f"accumulated gradient differs from the large-batch gradient by {err:.2e} (relative)"
-
-
+# --------------------------------------------------------------------------------------------- two processes
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
-    """Replicated (all-reduced gradients) and FSDP2-sharded training, checkpoint and evaluation across 2 gloo ranks;
-    the EMA evaluated at step 1 then updated at step 2 (a frozen FSDP2 module must reshard after its forward); stop
-    after 1 step and resume to 2 == the 2-step run (each rank's own RNG stream and balancer come back)."""
+    """DDP and FSDP2-sharded training, checkpoint and evaluation across 2 gloo ranks; the EMA evaluated at step 1 then
+    updated at step 2 (a frozen FSDP2 module must reshard after its forward); stop after 1 step and resume to 2 ==
+    the 2-step run (each rank's own RNG stream and balancer come back)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
@@ -225,11 +434,38 @@ def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
     assert "held-out eval" in run.stdout, "the final evaluation did not run on the sharded / replicated student"
     torchrun(tmp_path / "b", 1)
     torchrun(tmp_path / "b", 2)
-    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    assert train.latest_checkpoint(tmp_path / "b")["step"] == 2 and wa.keys() == wb.keys()
+    wa, wb = step_weights(tmp_path / "a"), step_weights(tmp_path / "b")
+    assert checkpoint.latest_checkpoint(tmp_path / "b")["step"] == 2
     assert not torch.equal(wa["rng.0.cpu"], wa["rng.1.cpu"]), "the two ranks must draw different streams"
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    differ = differing(wa, wb)
     assert not differ, f"{len(differ)} tensors differ after a 2-process resume, e.g. {differ[:3]}"
+
+
+def _ddp_worker(rank: int, out: str, port: int):
+    """One rank of a 2-process DDP run with grad_accum 2; saves its own networks at every checkpoint."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    save = checkpoint.save_checkpoint
+
+    def recorded(folder, step, nets, *args, **kwargs):
+        torch.save({k: n.state_dict() for k, n in nets.items() if n is not None}, Path(out) / f"rank{rank}_{step}.pt")
+        return save(folder, step, nets, *args, **kwargs)
+
+    checkpoint.save_checkpoint = recorded
+    train.main([f"--out_dir={out}", "--max_steps=3", "--ckpt_every=3", *FAST, "--gen_every=1", "--grad_accum=2"])
+
+
+def test_ddp_ranks_hold_bit_identical_weights(tmp_path):
+    """Replicated training: ranks draw different data (seed + rank) yet hold the same generator, critic and EMA, bit
+    for bit, after 3 steps of DDP-reduced updates (grad_accum 2: no_sync on the first micro-batch)."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), free_port()), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}_3.pt") for r in range(2))
+    start = load_file(config.Config.student_path)
+    assert any(not torch.equal(r0["net"][k], start[k]) for k in start), "the generator did not train"
+    for name in ("net", "critic", "ema"):
+        differ = differing(r0[name], r1[name])
+        assert not differ, f"{name}: {len(differ)} tensors differ between the ranks, e.g. {differ[:3]}"
 
 
 def _teacher_stage_worker(rank: int, out: str, port: int):
@@ -237,15 +473,15 @@ def _teacher_stage_worker(rank: int, out: str, port: int):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    loss = train.teacher_loss
+    loss = toy.teacher_loss
 
-    def recorded(cfg, net, w, prompts, videos):
+    def recorded(net, parts, prompts, videos, cfg_dropout):
         path = Path(out) / f"start_rank{rank}.pt"
         if not path.exists():
-            torch.save({"net": net.state_dict(), "text": w.text.model.state_dict(), "videos": videos}, path)
-        return loss(cfg, net, w, prompts, videos)
+            torch.save({"net": net.state_dict(), "text": parts.text.model.state_dict(), "videos": videos}, path)
+        return loss(net, parts, prompts, videos, cfg_dropout)
 
-    train.teacher_loss = recorded
+    toy.teacher_loss = recorded
     train.main([f"--out_dir={out}", "--stage=teacher", "--max_steps=1", "--batch_size=2", "--text_path=",
                 "--evaluate=false"])
 
@@ -253,18 +489,15 @@ def _teacher_stage_worker(rank: int, out: str, port: int):
 def test_teacher_stage_ranks_start_from_the_same_random_init(tmp_path):
     """Replicated training of a randomly initialised network (the toy teacher and its text encoder): every rank must
     start from rank 0's weights, and draw its own data."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_teacher_stage_worker, args=(str(tmp_path), port), nprocs=2)
+    torch.multiprocessing.spawn(_teacher_stage_worker, args=(str(tmp_path), free_port()), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"start_rank{r}.pt") for r in range(2))
     for part in ("net", "text"):
-        differ = [k for k in r0[part] if not torch.equal(r0[part][k], r1[part][k])]
+        differ = differing(r0[part], r1[part])
         assert not differ, f"{part}: {len(differ)} tensors differ between the ranks' starting weights, e.g. {differ[:3]}"
     assert not torch.equal(r0["videos"], r1["videos"]), "each rank must draw its own batch"
 
 
+# --------------------------------------------------------------------------------------------- sample.py
 def test_sample_writes_a_playable_ten_second_mp4(tmp_path):
     import imageio.v3 as iio
     import sample
@@ -274,19 +507,44 @@ def test_sample_writes_a_playable_ten_second_mp4(tmp_path):
     assert frames.shape[0] >= 160 and frames.shape[-1] == 3, f"mp4 has shape {frames.shape}"
 
 
-def test_sample_reads_a_step_checkpoint_as_ckpt_without_a_student_init(tmp_path, capsys):
+def test_sample_reads_a_step_checkpoint_as_ckpt_without_a_student_init(tmp_path, capsys, four_steps):
     """--ckpt step_N.safetensors (train.py's own format) == sampling that run's out_dir: the same EMA, the same video;
     and --ckpt needs no student_path on disk."""
     import imageio.v3 as iio
     import sample
-    run = tmp_path / "run"
-    train.main([f"--out_dir={run}", "--max_steps=2", "--ckpt_every=1", *FAST])
-    step = run / train.latest_checkpoint(run)["file"]
+    step = four_steps / "step_000004.safetensors"
     videos = {}
-    for name, args in {"auto": [f"--out_dir={run}"],
-                       "ckpt": [f"--ckpt={step}", f"--out_dir={tmp_path / 'none'}", "--student_path=missing.pt"]}.items():
+    for name, args in {"auto": [f"--out_dir={four_steps}"],
+                       "ckpt": ["--ckpt", str(step), f"--out_dir={tmp_path}/none", "--student_path=missing.pt"]}.items():
         sample.main(args + [f"--out={tmp_path / name}.mp4", "--frames=12", "--upscale=1"])
         videos[name] = iio.imread(tmp_path / f"{name}.mp4")
     printed = capsys.readouterr().out
     assert f"student: {step} (ema)" in printed, printed
     assert videos["auto"].shape[0] >= 12 and (videos["auto"] == videos["ckpt"]).all(), "--ckpt sampled another model"
+
+
+def test_sample_parses_the_readme_command_and_refuses_bad_flags(tmp_path, monkeypatch):
+    """The README's Wan sample command, as written (space-separated flags), against stand-in files; then each bad
+    flag a clear error before any work."""
+    import sample
+    monkeypatch.chdir(tmp_path)
+    preset = yaml.safe_load((ROOT / "configs" / "wan1.3b_stream_r1.yaml").read_text())
+    for key in ("text_path", "vae_path", "prompt_file"):
+        Path(preset[key]).parent.mkdir(parents=True, exist_ok=True)
+        Path(preset[key]).write_text("a cat\n")
+    Path(preset["tokenizer_dir"]).mkdir(parents=True)
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("python sample.py --config configs/wan1.3b_stream_r1.yaml"))
+    argv = shlex.split(line)[2:]
+    argv[argv.index("--config") + 1] = str(ROOT / argv[argv.index("--config") + 1])
+    cfg, own = sample.parse(argv)
+    assert (cfg.world, cfg.model_size, own["ckpt"], own["prompt"], own["seconds"]) == (
+        "wan", "1.3b", "checkpoints/rewardforcing.pt", "...", 60.0)
+    for bad, message in [(["--prompt="], "--prompt is empty"),
+                         (["--seconds=0"], "--seconds=0.0: expected a number > 0"),
+                         (["--seconds", "-5"], "--seconds=-5.0: expected a number > 0"),
+                         (["--seconds=abc"], "seconds='abc': expected a number"),
+                         (["--frames=0"], "--frames=0: expected a number > 0"),
+                         (["--frame=5"], "unknown flag --frame; sample.py takes --ckpt, --prompt, --seconds")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            sample.parse(bad)
