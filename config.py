@@ -198,13 +198,13 @@ def validate_config(cfg: Config, sampling: bool = False) -> None:
         raise SystemExit(f"ode_steps={cfg.ode_steps}, steps={cfg.steps}: ODE pairs keep states {keep} of the teacher's "
                          f"trajectory; expected ode_steps >= {max(keep)} and {len(keep) - 1} steps")
     if cfg.stage == "teacher" and cfg.world != "toy":
-        raise SystemExit("stage=teacher pretrains the toy teacher only; real runs load the Wan2.1 teacher")
+        raise SystemExit(f"stage=teacher, world={cfg.world!r}: expected world='toy' (real runs load the Wan2.1 teacher)")
     if cfg.num_frames % cfg.chunk_frames:
-        raise SystemExit(f"num_frames={cfg.num_frames} is not a multiple of chunk_frames={cfg.chunk_frames}")
+        raise SystemExit(f"num_frames={cfg.num_frames}: expected a multiple of chunk_frames={cfg.chunk_frames}")
     wan_vae_factor = 2 ** (len(inspect.signature(vae.WanVAE).parameters["dim_mult"].default) - 1)  # 8 (REFERENCE §5.1)
     factor = (toy.ToyVAE.spatial_factor if cfg.world == "toy" else wan_vae_factor) * SIZES[cfg.model_size]().patch_size[1]
     if cfg.height % factor or cfg.width % factor:
-        raise SystemExit(f"resolution {cfg.height}x{cfg.width} must divide by {factor} (VAE factor x patch size)")
+        raise SystemExit(f"height={cfg.height}, width={cfg.width}: expected multiples of {factor} (VAE x patch)")
     try:  # the cache the student would build, without building the student
         KVCache(num_layers=1, batch_size=1, chunk_frames=cfg.chunk_frames, rope="relative", **cfg.cache_options())
     except ValueError as err:
@@ -221,9 +221,9 @@ def validate_config(cfg: Config, sampling: bool = False) -> None:
     for key, need in needed.items():
         path = getattr(cfg, key)
         if need and not (path and Path(path).exists()):
-            raise SystemExit(f"{key}: {path or '(empty)'} does not exist; the {cfg.stage} stage needs it")
+            raise SystemExit(f"{key}={path!r}: expected an existing file or folder (the {cfg.stage} stage reads it)")
     if cfg.prompt_file and not any(line.strip() for line in Path(cfg.prompt_file).read_text().splitlines()):
-        raise SystemExit(f"prompt_file {cfg.prompt_file} holds no prompt")
+        raise SystemExit(f"prompt_file={cfg.prompt_file!r}: holds no prompt, expected one per line")
 
 
 def config_changes(cfg: Config, saved: dict) -> dict:

@@ -104,13 +104,19 @@ def dmd_step(cfg: Config, step: int, student, teacher, critic, parts: Components
     """One optimizer step of DMD: every gen_every-th step a generator update, then a critic update, each over
     grad_accum micro-batches of fresh draws. `student` and `critic` are what the loop calls (DDP when replicated).
     Returns (stats, {"generator": taken (on generator steps), "critic": taken})."""
+    def generator_micro_step():
+        prompts, noise, exit_step, t, eps = draw_inputs(cfg, parts)
+        return generator_loss(cfg, student, teacher, critic, parts, prompts, noise, exit_step, t, eps, balancer)
+
+    def critic_micro_step():
+        prompts, noise, exit_step, t, eps = draw_inputs(cfg, parts)
+        return critic_step_loss(cfg, student, critic, parts, prompts, noise, exit_step, t, eps), {}
+
     stats, taken = {}, {}
     if step % cfg.gen_every == 0:
-        loss, norm, taken["generator"], extra = update(student, opts["net"], lambda: generator_loss(
-            cfg, student, teacher, critic, parts, *draw_inputs(cfg, parts), balancer), cfg)
+        loss, norm, taken["generator"], extra = update(student, opts["net"], generator_micro_step, cfg)
         stats.update(extra, gen_loss=loss, gen_grad_norm=norm)
-    loss, norm, taken["critic"], _ = update(critic, opts["critic"], lambda: (critic_step_loss(
-        cfg, student, critic, parts, *draw_inputs(cfg, parts)), {}), cfg)
+    loss, norm, taken["critic"], _ = update(critic, opts["critic"], critic_micro_step, cfg)
     stats.update(critic_loss=loss, critic_grad_norm=norm)
     return stats, taken
 

@@ -99,10 +99,10 @@ def test_yaml_values_go_through_the_same_typed_parsing(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--height=30"], "must divide by 8"),
-    (["--num_frames=10"], "not a multiple of chunk_frames"),
-    (["--teacher_path=missing.safetensors"], "teacher_path: missing.safetensors does not exist"),
-    (["--critic_path="], "critic_path: (empty) does not exist; the dmd stage needs it"),
+    (["--height=30"], "height=30, width=32: expected multiples of 8"),
+    (["--num_frames=10"], "num_frames=10: expected a multiple of chunk_frames=3"),
+    (["--teacher_path=missing.safetensors"], "teacher_path='missing.safetensors': expected an existing file"),
+    (["--critic_path="], "critic_path='': expected an existing file or folder (the dmd stage reads it)"),
     (["--weighting=rlhf"], "weighting='rlhf': expected one of"),
     (["--model_size=7b"], "model_size='7b': expected one of ('toy', '1.3b', '14b')"),
     (["--grad_accum=0"], "grad_accum=0: expected >= 1"),
