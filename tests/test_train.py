@@ -220,6 +220,27 @@ def test_ema_moves_only_after_taken_generator_updates(tmp_path, monkeypatch):
         "after a generator update the EMA must be d ema + (1 - d) net"
 
 
+def test_a_skipped_generator_update_leaves_the_ema(tmp_path, monkeypatch):
+    """The EMA from step 0; the generator update at step 1 is taken, the one at step 3 skipped (a NaN gradient): at
+    step 4 the EMA is still d init + (1 - d) net_1, not moved again toward the unchanged generator."""
+    loss, calls = dmd.dmd_loss, itertools.count()
+
+    def nan_gradient_after_the_first(x0, g, weight=None):
+        if next(calls):
+            x0.register_hook(lambda grad: grad * float("nan"))
+        return loss(x0, g, weight)
+
+    monkeypatch.setattr(dmd, "dmd_loss", nan_gradient_after_the_first)
+    train.main([f"--out_dir={tmp_path}", "--max_steps=4", "--ckpt_every=1", *FAST, "--ema_start=0", "--ema_decay=0.5",
+                "--weighting=none"])
+    logged = [json.loads(line).get("skipped") for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == [None, None, ["generator"], None], logged
+    init, last = load_file(config.Config.student_path), step_weights(tmp_path, 4)
+    ema, net = checkpoint.network_weights(last, "ema"), checkpoint.network_weights(last, "net")
+    assert all(torch.allclose(ema[k], 0.5 * init[k] + 0.5 * net[k], atol=1e-7) for k in init), \
+        "the EMA moved after a skipped generator update"
+
+
 def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
     """Every stage keeps an EMA of what it trains: ema_k = d ema_(k-1) + (1 - d) net_k, and model.safetensors is the
     EMA (what the toy teacher asset ships)."""
