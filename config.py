@@ -58,6 +58,7 @@ class Config:
     negative_prompt: str = ""           # "" for the toy (zero context); Wan's default for real runs
     # geometry (latent frames; pixels for height/width)
     num_frames: int = toy.TOY_FRAMES
+    rollout_frames: int = 0             # > num_frames: long tuning, a window of num_frames supervised (0: = num_frames)
     chunk_frames: int = toy.TOY_CHUNK
     window_frames: int = toy.TOY_WINDOW   # 0: a global cache (no eviction)
     sink_frames: int = toy.TOY_SINK
@@ -201,6 +202,9 @@ def validate_config(cfg: Config, sampling: bool = False) -> None:
         raise SystemExit(f"stage=teacher, world={cfg.world!r}: expected world='toy' (real runs load the Wan2.1 teacher)")
     if cfg.num_frames % cfg.chunk_frames:
         raise SystemExit(f"num_frames={cfg.num_frames}: expected a multiple of chunk_frames={cfg.chunk_frames}")
+    if cfg.rollout_frames and (cfg.rollout_frames < cfg.num_frames or cfg.rollout_frames % cfg.chunk_frames):
+        raise SystemExit(f"rollout_frames={cfg.rollout_frames}: expected 0 or a multiple of chunk_frames="
+                         f"{cfg.chunk_frames} that is at least num_frames={cfg.num_frames}")
     wan_vae_factor = 2 ** (len(inspect.signature(vae.WanVAE).parameters["dim_mult"].default) - 1)  # 8 (REFERENCE §5.1)
     factor = (toy.ToyVAE.spatial_factor if cfg.world == "toy" else wan_vae_factor) * SIZES[cfg.model_size]().patch_size[1]
     if cfg.height % factor or cfg.width % factor:

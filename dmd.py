@@ -106,6 +106,20 @@ def sample_exit_step(num_steps: int, device: torch.device | str, generator: torc
     return int(k.item())
 
 
+def sample_window_start(rollout_frames: int, window_frames: int, chunk_frames: int, device: torch.device | str) -> int:
+    """Start frame of the supervised window in a long rollout (LongLive's long tuning, REFERENCE §3.6): uniform over
+    the chunk boundaries 0, k, 2k, ... with the window of window_frames inside rollout_frames. Rank 0's draw is
+    broadcast (every rank runs the same number of student forwards, which FSDP2 needs). No draw when the rollout is
+    the window itself, so runs without long tuning keep their random stream."""
+    choices = (rollout_frames - window_frames) // chunk_frames + 1
+    if choices == 1:
+        return 0
+    s = torch.randint(0, choices, (1,)).to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(s, src=0)
+    return int(s.item()) * chunk_frames
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Self-Forcing rollout (§3.4, §6.1)
 
@@ -154,22 +168,26 @@ def generate_chunk(student: WanModel, noise: Tensor, context: Tensor, cache: KVC
 
 def self_forcing_rollout(student: WanModel, noise: Tensor, context: Tensor, steps: list[float],
                          exit_step: int | None, cache_options: dict, refresh_t: float = 0.0,
-                         generator: torch.Generator | None = None) -> Tensor:
+                         generator: torch.Generator | None = None, grad_from: int = 0) -> Tensor:
     """Autoregressive self-rollout of the student, chunk by chunk (§6.1): the student trains on its own outputs.
 
     A fresh cache student.new_cache(B, **cache_options) per rollout; for each chunk of student.chunk_frames frames,
     generate_chunk with the same exit_step (`same_step_across_blocks`; draw it with sample_exit_step). The rollout may
     be longer than the cache window, so eviction and the EMA-sink happen in training as at inference (§10.1).
+    Chunks that start before frame grad_from run without graph: in a long rollout only the supervised window after
+    them trains, the earlier ones just fill the cache (LongLive's long tuning, §3.6).
     noise: [B, F, C, H, W], F a multiple of chunk_frames; context: [B, L, D]. Returns x0 [B, F, C, H, W]; with grad
-    enabled, gradient reaches the student only through each chunk's exit-step forward.
+    enabled, gradient reaches the student only through the exit-step forwards of the chunks from grad_from on.
     """
     k = student.chunk_frames
     if noise.dim() != 5 or noise.shape[1] % k:
         raise ValueError(f"noise must be [B, F, C, H, W] with F a multiple of chunk_frames={k}, "
                          f"got {tuple(noise.shape)}")
-    cache = student.new_cache(noise.shape[0], **cache_options)
-    return torch.cat([generate_chunk(student, chunk, context, cache, steps, exit_step, refresh_t, generator)
-                      for chunk in noise.split(k, dim=1)], dim=1)
+    cache, grad, x0 = student.new_cache(noise.shape[0], **cache_options), torch.is_grad_enabled(), []
+    for start, chunk in zip(range(0, noise.shape[1], k), noise.split(k, dim=1)):
+        with torch.set_grad_enabled(grad and start >= grad_from):
+            x0.append(generate_chunk(student, chunk, context, cache, steps, exit_step, refresh_t, generator))
+    return torch.cat(x0, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

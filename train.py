@@ -43,10 +43,13 @@ AXES = ("VQ", "MQ", "TA")
 # --------------------------------------------------------------------------------------------- one DMD step
 def draw_inputs(cfg: Config, parts: Components) -> tuple[list[str], torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Every random input of one DMD micro-step, so that the micro-step is a function of them: prompts, rollout noise
-    [B, F, C, H, W], the exit step (rank 0's), the DMD / critic time t [B] and its noise eps [B, F, C, H, W]."""
-    b, lat, device = cfg.batch_size, parts.latent_shape(), parts.device
-    return (parts.sample_prompts(b), torch.randn(b, *lat, device=device), dmd.sample_exit_step(len(cfg.steps), device),
-            dmd.sample_dmd_timestep(b, shift=cfg.shift).to(device), torch.randn(b, *lat, device=device))
+    [B, s + F, C, H, W] (s: start of the supervised window of F = num_frames, rank 0's; 0 unless rollout_frames >
+    num_frames), the exit step (rank 0's), the DMD / critic time t [B] and its noise eps [B, F, C, H, W]."""
+    b, (f, *lat), device = cfg.batch_size, parts.latent_shape(), parts.device
+    s = dmd.sample_window_start(cfg.rollout_frames or f, f, cfg.chunk_frames, device)
+    return (parts.sample_prompts(b), torch.randn(b, s + f, *lat, device=device),
+            dmd.sample_exit_step(len(cfg.steps), device), dmd.sample_dmd_timestep(b, shift=cfg.shift).to(device),
+            torch.randn(b, f, *lat, device=device))
 
 
 def reward_weight(cfg: Config, x0: torch.Tensor, prompts: list[str], parts: Components,
@@ -80,10 +83,13 @@ def reward_weight(cfg: Config, x0: torch.Tensor, prompts: list[str], parts: Comp
 
 def generator_loss(cfg: Config, student, teacher, critic, parts: Components, prompts, noise, exit_step, t, eps,
                    balancer) -> tuple[torch.Tensor, dict]:
-    """Self-forcing rollout -> DMD gradient at (t, eps) -> reward weight -> weighted DMD loss. Returns (loss, stats)."""
+    """Self-forcing rollout -> DMD gradient at (t, eps) -> reward weight -> weighted DMD loss. Returns (loss, stats).
+    A rollout longer than eps is supervised on its last eps.shape[1] frames: teacher, critic and reward see that
+    window, the only part with graph."""
     ctx, neg = parts.context(prompts), parts.negative_context(len(prompts))
+    s = noise.shape[1] - eps.shape[1]
     x0 = dmd.self_forcing_rollout(student, noise, ctx, dmd.warped_steps(cfg.steps, cfg.shift), exit_step,
-                                  cfg.cache_options(), refresh_t=cfg.refresh_t)
+                                  cfg.cache_options(), refresh_t=cfg.refresh_t, grad_from=s)[:, s:]
     g = dmd.dmd_gradient(x0, t, eps, teacher, critic, ctx, neg, cfg.guidance)
     weight, stats = reward_weight(cfg, x0, prompts, parts, balancer)
     return dmd.dmd_loss(x0, g, weight), stats
@@ -91,11 +97,12 @@ def generator_loss(cfg: Config, student, teacher, critic, parts: Components, pro
 
 def critic_step_loss(cfg: Config, student, critic, parts: Components, prompts, noise, exit_step, t,
                      eps) -> torch.Tensor:
-    """A fresh no-grad rollout, then the critic's flow-matching loss on it at (t, eps) (unweighted, REFERENCE §6.3)."""
+    """A fresh no-grad rollout, then the critic's flow-matching loss at (t, eps) on its last eps.shape[1] frames
+    (unweighted, REFERENCE §6.3)."""
     ctx = parts.context(prompts)
     with torch.no_grad():
         x0 = dmd.self_forcing_rollout(student, noise, ctx, dmd.warped_steps(cfg.steps, cfg.shift), exit_step,
-                                      cfg.cache_options(), refresh_t=cfg.refresh_t)
+                                      cfg.cache_options(), refresh_t=cfg.refresh_t)[:, noise.shape[1] - eps.shape[1]:]
     return dmd.critic_loss(critic, x0, t, eps, ctx)
 
 

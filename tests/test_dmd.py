@@ -368,6 +368,31 @@ def test_rollout_shape_and_gradient_only_through_exit_steps():
         dmd.self_forcing_rollout(net, noise, ctx, steps, 4, {})
 
 
+def test_long_rollout_trains_only_its_supervised_window():
+    """Long tuning (grad_from): the chunks before the window run without graph and change no number; the window's
+    chunks keep their exit-step graph, and the window start is uniform over chunk boundaries."""
+    gen = torch.Generator().manual_seed(8)
+    noise, ctx = torch.randn(2, 15, *LATENT, generator=gen), torch.randn(2, 6, 16, generator=gen)
+    net, options = _tiny(causal=True, seed=0), dict(window_frames=9, sink_frames=3, ema_alpha=0.5)
+    calls = _record_calls(net)
+    x0 = dmd.self_forcing_rollout(net, noise, ctx, dmd.warped_steps(), 1, options,
+                                  generator=torch.Generator().manual_seed(9), grad_from=9)
+    with_graph = [i // 3 for i, (grad, write, _) in enumerate(calls) if grad]  # 3 calls per chunk at exit step 1
+    assert with_graph == [3, 4], f"forwards with graph in chunks {with_graph}; want only the window's chunks 3 and 4"
+    with torch.no_grad():
+        whole = dmd.self_forcing_rollout(net, noise, ctx, dmd.warped_steps(), 1, options,
+                                         generator=torch.Generator().manual_seed(9))
+    assert torch.equal(x0.detach(), whole), "grad_from changed the rollout's values"
+    x0[:, 9:].sum().backward()
+    assert all(p.grad is not None for p in net.parameters()), "the window's chunks must train the student"
+    starts = [dmd.sample_window_start(21, 12, 3, "cpu") for _ in range(400)]
+    assert set(starts) == {0, 3, 6, 9} and min(starts.count(s) for s in (0, 3, 6, 9)) > 60, \
+        f"window starts not uniform over chunk boundaries: {sorted(set(starts))}"
+    state = torch.get_rng_state()
+    assert dmd.sample_window_start(12, 12, 3, "cpu") == 0 and torch.equal(torch.get_rng_state(), state), \
+        "a rollout as long as its window must not draw (runs without long tuning keep their random stream)"
+
+
 @pytest.mark.parametrize("rope", ["relative", "absolute"])
 def test_rollout_refreshes_cache_with_the_clean_chunk(student, rope):
     gen = torch.Generator().manual_seed(6)

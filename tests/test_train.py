@@ -205,6 +205,35 @@ def test_critic_trains_on_a_fresh_rollout_of_the_updated_student(tmp_path, monke
                                                 f"{(x0 - want).abs().max():.2e}"
 
 
+def test_long_tuning_supervises_a_num_frames_window_of_the_long_rollout(tmp_path, monkeypatch):
+    """rollout_frames > num_frames through the loop: the student rolls out s + num_frames frames (s a chunk boundary
+    drawn per micro-step) and teacher, critic and the DMD loss see exactly its last num_frames frames."""
+    graded, critic_inputs, dmd_gradient, critic_loss = [], [], dmd.dmd_gradient, dmd.critic_loss
+    monkeypatch.setattr(dmd, "dmd_gradient", lambda x0, *a: graded.append(x0.detach()) or dmd_gradient(x0, *a))
+    monkeypatch.setattr(dmd, "critic_loss", lambda c, x0, t, eps, ctx: critic_inputs.append(x0) or critic_loss(
+        c, x0, t, eps, ctx))
+    monkeypatch.setattr(dmd, "sample_exit_step", lambda num_steps, device, generator=None: 0)
+    starts = iter([9, 3])
+    monkeypatch.setattr(dmd, "sample_window_start", lambda rollout, window, chunk, device: next(starts))
+    draws = spy_draws(monkeypatch)
+    cfg = config.load_config(["--rollout_frames=21", "--weighting=none"])
+    train.main([f"--out_dir={tmp_path}", "--max_steps=1", "--rollout_frames=21", "--weighting=none", *FAST])
+    assert [d[1].shape[1] for d in draws] == [9 + cfg.num_frames, 3 + cfg.num_frames], "rollout lengths"
+    parts = config.Components(cfg, torch.device("cpu"))
+    student = config.build_net(cfg.model_size, cfg.student_path, parts.device, causal=True,
+                               chunk_frames=cfg.chunk_frames)
+    with torch.no_grad():  # the generator's rollout comes from the initial student (exit step 0: no other draws)
+        prompts, noise = draws[0][:2]
+        want = dmd.self_forcing_rollout(student, noise, parts.context(prompts), dmd.warped_steps(cfg.steps, cfg.shift),
+                                        0, cfg.cache_options())
+    (x0,), (critic_x0,) = graded, critic_inputs
+    assert x0.shape[1] == critic_x0.shape[1] == cfg.num_frames, "teacher and critic must see num_frames frames"
+    assert torch.allclose(x0, want[:, 9:], atol=1e-5), f"the DMD window is not the rollout's last frames: " \
+                                                      f"{(x0 - want[:, 9:]).abs().max():.2e}"
+    with pytest.raises(SystemExit, match="rollout_frames=20"):
+        config.load_config(["--rollout_frames=20"])
+
+
 def test_ema_moves_only_after_taken_generator_updates(tmp_path, monkeypatch):
     """FAST: generator updates at steps 1 and 3, critic-only steps 2 and 4, the EMA made at step 1. After the
     generator update at 3, ema = d ema_2 + (1 - d) net_3; the critic-only step 4 leaves it (net_4 == net_3 != ema_3,
