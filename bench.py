@@ -12,6 +12,7 @@ CPU sections (fp32, one thread by default: the 2 shared cores make 2 threads sta
   sample_fps  toy sample.py FPS and per-chunk latency (first / median / last)
   ablation    toy ablation: plain DMD, Re-DMD, Stream-R1 with components added one at a time, several seeds
   blur        saliency blur stress test: blur the lower half of toy videos, where do the Stream-R1 weights go
+  drift       60-s toy streams per cache setting: colour / direction accuracy, speed and frozen share per 5-s window
 CUDA section (skipped without a GPU):
   cuda        Wan-1.3B-shape streaming at 832x480, bf16, eager vs torch.compile, VAE decode in/out; vs 17.0 / 23.1 FPS
 
@@ -518,6 +519,67 @@ def bench_blur(passes: int = 2, seed: int = 0, upscale: int = 6, png: str = "ass
           f"{', '.join(res.axes)}) to {path}")
 
 
+# --------------------------------------------------------------------------------------------- drift
+DRIFT_SETTINGS = {  # cache geometries of the drift table: name -> train.py overrides
+    "global cache": ["--window_frames=0", "--sink_frames=0", "--ema_alpha=0"],
+    "window 9 + plain sink 3": ["--window_frames=9", "--sink_frames=3", "--ema_alpha=0"],
+    f"window 9 + EMA-sink 3, alpha {toy.TOY_EMA_ALPHA}": ["--window_frames=9", "--sink_frames=3",
+                                                         f"--ema_alpha={toy.TOY_EMA_ALPHA}"],
+    "window 9 + EMA-sink 3, alpha 0.999": ["--window_frames=9", "--sink_frames=3", "--ema_alpha=0.999"],
+}
+
+
+def bench_drift(ckpt: str = "", seconds: float = 60.0, window_seconds: float = 5.0, seed: int = toy.EVAL_SEED,
+                png: str = "out/drift.png", strip: str = "out/drift_strip.png"):
+    """Drift of long toy streams: the student (--ckpt as sample.py reads it; default the latest out/toy run, else the
+    shipped ODE init) streams `seconds` for each of the 32 eval prompts under each cache setting (DRIFT_SETTINGS),
+    from seed `seed`; per `window_seconds` window toy.drift reports colour and direction accuracy, object speed
+    (px/frame; the world's is 1) and the share of frozen streams. Plots accuracy over time per setting to `png`
+    and a strip of 4 prompts over the stream (one frame per second) to `strip`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = config.load_config([])
+    weights, source = sample.student_weights(cfg, ckpt)
+    prompts, frames = list(toy.EVAL_PROMPTS), round(seconds * sample.FPS / cfg.chunk_frames) * cfg.chunk_frames
+    window = round(window_seconds * sample.FPS)
+    print(f"### drift: {len(prompts)} eval prompts x {frames} frames ({frames / sample.FPS:g} s at {sample.FPS} fps), "
+          f"{window}-frame windows, seed {seed}; student {source}\n")
+    results, fig, axes = {}, *plt.subplots(1, 3, figsize=(15, 4))
+    for name, overrides in DRIFT_SETTINGS.items():
+        run = config.load_config(overrides)
+        parts = config.Components(run, torch.device("cpu"))
+        student = config.build_net(run.model_size, "", parts.device, causal=True, chunk_frames=run.chunk_frames)
+        load_wan_weights(student, weights)
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            videos = toy.stream_samples(student.eval(), parts, run, prompts, frames)
+        results[name] = rows = toy.drift(videos, prompts, window, run.sink_frames or run.chunk_frames)
+        print(f"#### {name} ({time.perf_counter() - start:.0f} s)\n")
+        print("| seconds | " + " | ".join(f"{r['start'] / sample.FPS:g}-{(r['start'] + window) / sample.FPS:g}"
+                                           for r in rows) + " |")
+        print("| --- " * (len(rows) + 1) + "|")
+        for key in ("color_accuracy", "direction_accuracy", "speed", "frozen"):
+            print(f"| {key.replace('_', ' ')} | " + " | ".join(f"{r[key]:.2f}" for r in rows) + " |")
+        print(f"\nworst window: colour {min(r['color_accuracy'] for r in rows):.2f}, direction "
+              f"{min(r['direction_accuracy'] for r in rows):.2f}\n")
+        t = [(r["start"] + window / 2) / sample.FPS for r in rows]
+        for ax, key in zip(axes, ("color_accuracy", "direction_accuracy", "speed")):
+            ax.plot(t, [r[key] for r in rows], marker="o", label=name)
+        if name == list(DRIFT_SETTINGS)[-2]:  # the toy's own setting
+            one_per_second = videos[[0, 9, 18, 27], ::sample.FPS]
+            toy.save_strip(one_per_second, strip, upscale=2)
+    for ax, key in zip(axes, ("colour accuracy", "direction accuracy", "speed (px/frame)")):
+        ax.set(xlabel="seconds into the stream", title=key, ylim=(-0.05, 1.25 if "speed" in key else 1.05))
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"toy drift: {source}", fontsize=8)
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80, bbox_inches="tight")
+    print(f"plot: {png}; strip (prompts 0, 9, 18, 27; one frame per second, {toy.TOY_EMA_ALPHA} EMA-sink): {strip}")
+
+
 # --------------------------------------------------------------------------------------------- CUDA
 def stream_chunks(net: WanModel, vae, ctx: torch.Tensor, height: int, width: int, n_chunks: int,
                   decode: bool) -> tuple[list[float], int]:
@@ -581,7 +643,7 @@ def bench_cuda(chunks: int = 20, warmup: int = 3, height: int = 480, width: int 
 # --------------------------------------------------------------------------------------------- command line
 SECTIONS = {"diffusers": bench_diffusers, "chunks": bench_chunks, "memory": bench_memory,
             "train_step": bench_train_step, "sample_fps": bench_sample_fps, "ablation": bench_ablation,
-            "blur": bench_blur, "cuda": bench_cuda}
+            "blur": bench_blur, "drift": bench_drift, "cuda": bench_cuda}
 
 
 def main() -> None:

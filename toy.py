@@ -455,6 +455,33 @@ def teacher_distance(student_videos: Tensor, teacher_videos: Tensor) -> float:
     return (feats[0] - feats[1]).norm(dim=1).mean().item()
 
 
+SINK_REPEAT = 0.02        # mean |frame - sink frame| below this: the frame repeats one of the stream's first frames
+
+
+def drift(videos: Tensor, prompts: list[str], window: int, sink_frames: int) -> list[dict[str, float]]:
+    """Held-out evaluation of long streams, window by window (Stream-R1's drift: quality decay over time).
+
+    videos [B, T, 3, H, W] in [-1, 1], one prompt each; consecutive windows of `window` frames (a last partial one
+    dropped). Per window: colour and direction accuracy (evaluate_videos on the window alone), speed (mean over
+    videos of |mean object velocity|, px/frame; the world's is SPEED), and frozen: the share of videos whose object
+    moves slower than EVAL_MIN_SPEED or whose frames mostly repeat one of the first sink_frames frames (what a cache
+    that copies its sink shows). Returns one dict per window with its first frame as "start".
+    """
+    if videos.dim() != 5 or videos.shape[1] < max(window, 2) or window < 2:
+        raise ValueError(f"drift needs videos [B, T, 3, H, W] with T >= window >= 2, got {tuple(videos.shape)}, "
+                         f"window={window}")
+    videos, rows = videos.detach().float().cpu(), []
+    sink = videos[:, :sink_frames, None]                                                # [B, S, 1, 3, H, W]
+    for start in range(0, videos.shape[1] - window + 1, window):
+        clip = videos[:, start:start + window]
+        speed = _track_object(clip)["velocity"].norm(dim=1)
+        repeats = ((clip[:, None] - sink).abs().mean((3, 4, 5)).amin(1) < SINK_REPEAT).float().mean(1)   # [B]
+        frozen = (speed < EVAL_MIN_SPEED) | (repeats > 0.5)
+        rows.append({"start": start, **evaluate_videos(clip, prompts), "speed": speed.mean().item(),
+                     "frozen": frozen.float().mean().item()})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ toy training stage
 def teacher_loss(net: nn.Module, parts, prompts: list[str], videos: Tensor, cfg_dropout: float) -> Tensor:
     """Flow-matching pretraining loss of the toy teacher on videos [B, T, 3, H, W] (train.py --stage=teacher).

@@ -278,3 +278,22 @@ def test_teacher_distance_is_small_for_renders_and_large_for_noise(clean):
     assert d_render < 0.2 and d_noise > 1.0, f"renders {d_render:.3f}, noise {d_noise:.3f}"
     with pytest.raises(ValueError, match="same prompts"):
         toy.teacher_distance(videos[:2], videos)
+
+
+def test_drift_measures_moving_frozen_and_stopping_streams():
+    """Per-window drift on synthetic streams: a render moves at SPEED in its direction in every window; a stream
+    that repeats its first frames is frozen; one that moves for a window and then stops is frozen from then on."""
+    prompts = list(toy.EVAL_PROMPTS)
+    moving = toy.toy_batch(32, 48, gen(3), prompts)[0]
+    rows = toy.drift(moving, prompts, window=16, sink_frames=3)
+    assert [r["start"] for r in rows] == [0, 16, 32]
+    for r in rows:
+        assert r["color_accuracy"] == r["direction_accuracy"] == 1.0 and r["frozen"] == 0.0, r
+        assert abs(r["speed"] - toy.SPEED) < 0.05, f"renders move {toy.SPEED} px/frame, measured {r['speed']:.3f}"
+    frozen = moving[:, :3].repeat(1, 16, 1, 1, 1)                 # the first chunk over and over (a copied sink)
+    for r in toy.drift(frozen, prompts, window=16, sink_frames=3):
+        assert r["frozen"] == 1.0 and r["direction_accuracy"] == 0.0 and r["color_accuracy"] == 1.0, r
+    stops = torch.cat([moving[:, :16], moving[:, 15:16].expand(-1, 32, -1, -1, -1)], dim=1)
+    assert [r["frozen"] for r in toy.drift(stops, prompts, window=16, sink_frames=3)] == [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="window"):
+        toy.drift(moving, prompts, window=64, sink_frames=3)
