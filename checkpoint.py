@@ -1,4 +1,9 @@
-"""Reading and writing training state: step checkpoints, the run's newest intact one, the log, the exported network.
+"""Reading and writing weights and training state: weights read in place (every rank reads only its own FSDP2 shards),
+step checkpoints, the run's newest intact one, the log, the exported network.
+
+Weights are opened without reading them (safetensors headers, torch.load with mmap): `shard_of` then reads, per
+parameter or optimizer state, only the rows of dim 0 this rank holds under FSDP2 (all of it when replicated), so no
+rank ever holds a whole sharded network, at load as at resume (issue 13).
 
 out_dir holds step_N.safetensors (networks under original Wan names as `net.` / `critic.` / `ema.`, optimizer
 states as `opt.<network>.<param>.<key>`, every rank's RNG as `rng.<rank>.<device>`) and step_N.json (the state the
@@ -15,8 +20,86 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.tensor import DTensor, Shard
+
+
+# --------------------------------------------------------------------------------------------- weights read in place
+class LazyTensor:
+    """A tensor of a safetensors file, not read yet: `shape` from the file's header; `lazy[a:b]` reads rows a..b-1
+    alone (safe_open's get_slice), as an mmap'd torch.load tensor reads only the pages it touches."""
+
+    def __init__(self, handle, key: str):
+        self.slice = handle.get_slice(key)  # keeps the file open
+        self.shape = torch.Size(self.slice.get_shape())
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.slice[rows]
+
+
+def open_safetensors(path: Path) -> dict[str, LazyTensor]:
+    """Every tensor of a safetensors file as a LazyTensor (the header is read, no data)."""
+    handle = safe_open(str(path), "pt")
+    return {key: LazyTensor(handle, key) for key in handle.keys()}
+
+
+def open_weights(path: Path) -> tuple[dict, str]:
+    """The tensors of a weights file or folder, none read yet, and a description of the format: a safetensors file, a
+    sharded *.safetensors.index.json, a folder holding one of these (Wan 14B, diffusers and transformers layouts;
+    LazyTensors), or a .pt / .pth / .ckpt file (torch.load weights_only with mmap: its pages are read when touched)."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        index, files = sorted(path.glob("*.safetensors.index.json")), sorted(path.glob("*.safetensors"))
+        if len(index) != 1 and len(files) != 1:
+            raise FileNotFoundError(f"{path}: expected one *.safetensors or one *.safetensors.index.json, found "
+                                    f"{[f.name for f in index + files]}")
+        path = index[0] if index else files[0]
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(open_safetensors(path.parent / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise KeyError(f"{path}: keys listed in the index but absent from the shards: {missing[:5]}")
+        return tensors, f"sharded {path.name} ({len(set(weight_map.values()))} shards)"
+    if path.suffix == ".safetensors":
+        return open_safetensors(path), f"safetensors file {path.name}"
+    if path.suffix in (".pt", ".pth", ".ckpt"):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), f"{path.suffix} file"
+    raise ValueError(f"{path}: unknown checkpoint type (want .safetensors, .index.json, .pt/.pth or a folder)")
+
+
+def shard_of(like: torch.Tensor, source) -> torch.Tensor:
+    """What this rank holds of `source` ([N, ...]: a LazyTensor or a tensor, possibly mmap'd) where `like` is the
+    parameter or optimizer state it goes into: a copy (never a view of the file) in like's dtype on its device. An
+    FSDP2-sharded DTensor holds rows [r c, (r + 1) c) of dim 0 on rank r of W, c = ceil(N / W) (Shard(0),
+    torch.chunk's split): only those are read, into a DTensor; anything else gets the whole tensor."""
+    if not isinstance(like, DTensor):
+        return source[:].to(like.device, like.dtype, copy=True)
+    if like.placements != (Shard(0),):
+        raise ValueError(f"expected FSDP2's Shard(0) on a 1-D mesh, got {like.placements}")
+    mesh, n = like.device_mesh, like.shape[0]
+    rows = -(-n // mesh.size())
+    start = min(mesh.get_local_rank() * rows, n)
+    local = source[start:min(start + rows, n)].to(like.device, like.dtype, copy=True)
+    return DTensor.from_local(local, mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
+@torch.no_grad()
+def load_shards(module: torch.nn.Module, source: dict) -> None:
+    """Every parameter and buffer of module.state_dict() copied from `source` as this rank holds it (shard_of), one
+    tensor at a time, a tied one (umT5's embedding, under two names) once. `source` maps each key to a tensor of its
+    shape (the callers check keys and shapes first, from the headers). A module on the meta device is materialised
+    on the CPU first."""
+    if any(t.is_meta for t in module.state_dict().values()):
+        module.to_empty(device="cpu")
+    done = set()
+    for key, target in module.state_dict(keep_vars=True).items():
+        if id(target) not in done:
+            done.add(id(target))
+            target.copy_(shard_of(target, source[key]))
 
 
 def atomic_write(path: Path, write) -> None:
@@ -97,32 +180,36 @@ def network_weights(tensors: dict, name: str) -> dict:
 
 
 def restore_checkpoint(out: Path, meta: dict, nets: dict, opts: dict, balancer, rank: int, world_size: int) -> None:
-    """Networks, optimizers, this rank's RNG and balancer restored in place from the checkpoint `meta` names (every
-    rank reads it). The optimizers' hyperparameters (lr, betas, weight decay) and the balancer's settings stay those
-    they were built with from the config. The per-rank states need the process count the checkpoint was written
-    with."""
+    """Networks, optimizers, this rank's RNG and balancer restored in place from the checkpoint `meta` names. Each rank
+    reads only what it holds (shard_of): under FSDP2 its rows of every network and optimizer state, replicated the
+    whole networks; its own RNG. The optimizers' hyperparameters (lr, betas, weight decay) and the balancer's settings
+    stay those they were built with from the config. The per-rank states need the process count the checkpoint was
+    written with."""
     if len(meta["balancers"]) != world_size:
         raise SystemExit(f"{out / meta['file']} was written by {len(meta['balancers'])} process(es), this run has "
                          f"{world_size}: resume with the same number of processes (each keeps its own RNG stream)")
-    tensors = load_file(str(out / meta["file"]))
-    full = StateDictOptions(full_state_dict=True)
+    tensors = open_safetensors(out / meta["file"])
     for name, net in nets.items():
         if net is not None:
-            set_model_state_dict(net, network_weights(tensors, name), options=full)
+            load_shards(net, network_weights(tensors, name))
     for name, opt in opts.items():
         configured = [{k: group[k] for k in ("lr", "betas", "weight_decay")} for group in opt.param_groups]
-        state = {}
+        params, saved = dict(nets[name].named_parameters()), {}
         for key, v in tensors.items():
             if key.startswith(f"opt.{name}."):
                 param, k = key[len(f"opt.{name}."):].rsplit(".", 1)
-                state.setdefault(param, {})[k] = v.reshape(()) if k == "step" else v
-        set_optimizer_state_dict(nets[name], opt, {"state": state, "param_groups": meta["opt_groups"][name]},
-                                 options=full)
+                saved.setdefault(param, {})[k] = v[:].reshape(()).clone() if k == "step" else shard_of(params[param], v)
+        # the saved groups name the parameters in the optimizer's order; the read states become its states (no copy)
+        groups = meta["opt_groups"][name]
+        index = {param: i for i, param in enumerate(param for group in groups for param in group["params"])}
+        opt.load_state_dict({"state": {index[param]: st for param, st in saved.items()},
+                             "param_groups": [dict(group, params=[index[p] for p in group["params"]])
+                                              for group in groups]})
         for group, settings in zip(opt.param_groups, configured):
             group.update(settings)
-    torch.set_rng_state(tensors[f"rng.{rank}.cpu"])
+    torch.set_rng_state(tensors[f"rng.{rank}.cpu"][:])
     if f"rng.{rank}.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors[f"rng.{rank}.cuda"])
+        torch.cuda.set_rng_state(tensors[f"rng.{rank}.cuda"][:])
     balancer.load_state_dict(dict(meta["balancers"][rank], window=balancer.window, warmup=balancer.warmup,
                                   lam=balancer.lam))
 

@@ -24,7 +24,7 @@ import reward
 import text
 import toy
 import vae
-from model import KVCache, WanConfig, WanModel, load_wan_weights
+from model import KVCache, WanConfig, WanModel, load_wan_weights, mixed_precision_policy
 
 SIZES = {"toy": toy.toy_dit_config, "1.3b": WanConfig.wan_1_3b, "14b": WanConfig.wan_14b}
 
@@ -101,7 +101,7 @@ class Config:
     normalize_weights: bool = False
     # systems
     parallel: str = "ddp"               # ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard)
-    bf16: bool = True                   # autocast on CUDA; CPU always fp32
+    bf16: bool = False                  # bf16 autocast and bf16 frozen networks, on every device; false: fp32
     grad_checkpointing: bool = False
     max_bad_steps: int = 3              # consecutive skipped updates of one network (non-finite loss or gradient)
 
@@ -244,21 +244,33 @@ class Components:
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
         rewarded = cfg.stage == "dmd" and cfg.weighting != "none"
+        frozen = torch.bfloat16 if cfg.bf16 else torch.float32  # the dtype frozen networks are stored in
         if cfg.world == "toy":
             self.vae = toy.ToyVAE().to(device)
             encoder = toy.toy_text_encoder(cfg.text_path or None)  # empty: a fresh one (teacher stage only)
-            self.text = text.TextEncoder(encoder.to(device), toy.toy_tokenizer(), text_len=toy.TOY_TEXT_LEN)
+            self.text = text.TextEncoder(encoder.to(device, frozen), toy.toy_tokenizer(), text_len=toy.TOY_TEXT_LEN)
             self.reward = toy.ToyReward() if rewarded else None
             self.prompts = toy.toy_prompts()
         else:
-            self.vae = vae.WanVAE().to(device).eval()
+            self.vae = vae.WanVAE().eval()
             vae.load_vae_weights(self.vae, cfg.vae_path)
-            self.text = text.load_text_encoder(cfg.text_path, cfg.tokenizer_dir, device=device)
+            self.vae.to(device, frozen)
+            # umT5-XXL (5.7 B parameters, 11.4 GB in bf16) is sharded with FSDP2 under parallel=fsdp: 1.4 GB per GPU
+            # on 8, at GPU speed (a prompt is ~1 TFLOP: seconds on the one CPU thread torchrun gives each rank; every
+            # prompt file's embeddings, ~0.8 MB per prompt, would fill tens of GB per rank). Its forward then runs on
+            # every rank at once, as each encodes one batch per micro-step, so it keeps no per-rank cache of prompts.
+            fsdp = sharded(cfg)
+            self.text = text.load_text_encoder(cfg.text_path, cfg.tokenizer_dir, dtype=frozen, device=device,
+                                               cache_size=0 if fsdp else 1024,
+                                               shard=(lambda m: shard(m, cfg, m.encoder.block, True)) if fsdp else None)
             self.reward = reward.VideoReward.from_pretrained(
-                cfg.reward_base_dir, cfg.reward_release_dir, device=device,
+                cfg.reward_base_dir, cfg.reward_release_dir, dtype=frozen, device=device,
                 gradient_checkpointing=cfg.grad_checkpointing) if rewarded else None
             self.prompts = [p.strip() for p in Path(cfg.prompt_file).read_text().splitlines() if p.strip()]
         self.vae.requires_grad_(False)
+        # Wan's negative prompt for real runs, encoded once (REFERENCE §4.3); the toy world's is all zeros (padding)
+        self.negative = self.context([cfg.negative_prompt]) if cfg.negative_prompt else \
+            torch.zeros(1, self.text.text_len, self.text.dim, device=device)
 
     def sample_prompts(self, n: int) -> list[str]:
         idx = torch.randint(len(self.prompts), (n,)).tolist()
@@ -269,10 +281,8 @@ class Components:
         return self.text.encode(prompts).to(self.device)
 
     def negative_context(self, n: int) -> torch.Tensor:
-        """Wan's negative prompt for real runs; the toy world's unconditional context is all zeros (padding)."""
-        if self.cfg.negative_prompt:
-            return self.context([self.cfg.negative_prompt]).expand(n, -1, -1)
-        return torch.zeros(n, self.text.text_len, self.text.model.config.d_model, device=self.device)
+        """The unconditional context [n, L, text_dim] (Wan's negative prompt, or zeros for the toy world)."""
+        return self.negative.expand(n, -1, -1)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """(F, C, H, W) of one clip's latents."""
@@ -280,12 +290,31 @@ class Components:
         return self.cfg.num_frames, self.vae.z_dim, self.cfg.height // s, self.cfg.width // s
 
 
-def build_net(size: str, path: str, device: torch.device, causal: bool = False, chunk_frames: int = 3) -> WanModel:
-    """A Wan DiT of one of SIZES, loaded from `path` (any format load_wan_weights reads; empty: random init)."""
-    net = WanModel(SIZES[size](), causal=True, chunk_frames=chunk_frames) if causal else WanModel(SIZES[size]())
+def build_net(size: str, path: str | dict, device: torch.device, causal: bool = False, chunk_frames: int = 3,
+              cfg: Config | None = None, frozen: bool = False) -> WanModel:
+    """A Wan DiT of one of SIZES, loaded from `path` (a file, folder or state dict load_wan_weights reads) or, with an
+    empty path, randomly initialised as on rank 0. With a run's cfg: stored in bf16 if `frozen` and cfg.bf16 (FSDP2's
+    bf16 compute copies then cost nothing; a trained network keeps fp32 master weights), and sharded (parallel=fsdp
+    under torchrun) while still on the meta device, so that each rank allocates and reads only its own rows of every
+    tensor (checkpoint.load_shards)."""
+    def make():
+        return WanModel(SIZES[size](), causal=True, chunk_frames=chunk_frames) if causal else WanModel(SIZES[size]())
+
     if path:
-        load_wan_weights(net, path)
-    return net.to(device)
+        with torch.device("meta"):
+            net = make()
+    else:
+        net = make().to(device)
+        broadcast_from_rank0(net)  # inits (seed + rank) differ per rank
+    if frozen:
+        net.requires_grad_(False).eval()
+        if cfg is not None and cfg.bf16:
+            net.to(torch.bfloat16)
+    if cfg is not None and sharded(cfg):
+        shard(net, cfg, () if causal else net.blocks, frozen)
+    if path:
+        load_wan_weights(net.to_empty(device=device), path)
+    return net
 
 
 # --------------------------------------------------------------------------------------------- distributed
@@ -340,18 +369,29 @@ def replicate(net: torch.nn.Module | None, cfg: Config, world_size: int) -> torc
     return DDP(net, broadcast_buffers=False)
 
 
-def shard(net: torch.nn.Module, cfg: Config, per_block: bool, frozen: bool) -> torch.nn.Module:
-    """FSDP2: each block then the root (per_block), or the root only; bf16 compute with fp32 reduction on CUDA.
-    The cache-using student is sharded at the root only: its streaming path computes the prompt's cross-attention
-    K/V outside the blocks' forward, where a per-block shard would not be gathered (1.3B in bf16: 2.6 GB).
-    FSDP2 keeps the root gathered after a forward, for the backward that reshards it; `frozen` modules (teacher, EMA)
-    have no backward, so they reshard after every forward (else the 14B teacher would stay whole on every GPU and the
-    EMA would be updated as a gathered copy)."""
+def sharded(cfg: Config) -> bool:
+    """Networks are sharded with FSDP2: parallel=fsdp under a process group (torchrun)."""
+    return cfg.parallel == "fsdp" and dist.is_initialized()
+
+
+def shard(module: torch.nn.Module, cfg: Config, blocks, frozen: bool) -> torch.nn.Module:
+    """FSDP2: each of `blocks` then the root, with model.mixed_precision_policy() under bf16 (bf16 compute copies,
+    fp32 gradient reduction, inputs as given: the fp32 islands need fp32 t and residual stream). The cache-using
+    student is sharded at the root only (no blocks): its streaming path computes the prompt's cross-attention K/V
+    outside the blocks' forward, where a per-block shard would not be gathered (1.3B in bf16: 2.6 GB).
+    FSDP2 keeps the root gathered after a forward, for the backward that reshards it; `frozen` modules (teacher, EMA,
+    text encoder) have no backward, so they reshard after every forward (else the 14B teacher would stay whole on
+    every GPU and the EMA would be updated as a gathered copy)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if cfg.bf16 and torch.cuda.is_available() else MixedPrecisionPolicy()
+    mp = mixed_precision_policy() if cfg.bf16 else MixedPrecisionPolicy()
     reshard = True if frozen else None  # None: FSDP2's default (blocks reshard, the root waits for the backward)
-    for block in net.blocks if per_block else ():
+    for block in blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(net, mp_policy=mp, reshard_after_forward=reshard)
-    return net
+    fully_shard(module, mp_policy=mp, reshard_after_forward=reshard)
+    return module
+
+
+def autocast(cfg: Config, device: torch.device):
+    """The compute precision of every forward: bf16 autocast on any device with cfg.bf16 (REFERENCE §2.6's official
+    mode, model.py keeps its fp32 islands), plain fp32 without."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)

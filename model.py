@@ -9,8 +9,9 @@ Layouts: latents x [B, F, C, H, W] (frame-major); timesteps t [B] or [B, F] floa
 frame in row-major (h, w) order; attention runs on [B, F*S, heads, head_dim] through SDPA. Output v = eps - x0, like x.
 
 Precision (REFERENCE §2.6, official mode), the same on CPU and CUDA; without autocast everything is fp32 (CPU default):
-- parameters fp32; FSDP2 hands the forward bf16 copies (mixed_precision_policy()). Both run under bf16 autocast (bf16
-  ones need it), which runs linears, the patch conv and attention (SDPA) in bf16.
+- parameters fp32 (bf16 for frozen networks under bf16: config.build_net); FSDP2 hands the forward bf16 copies
+  (mixed_precision_policy()). All run under bf16 autocast (bf16 parameters need it), which runs linears, the patch conv
+  and attention (SDPA) in bf16.
 - fp32 islands whatever the parameter dtype (Linear32 and LayerNorm use fp32 copies of bf16 weights): sinusoid float64
   -> fp32, time MLP, time_projection, modulation adds, the whole head. t must arrive fp32/fp64 (bf16: 937.5 -> 936).
 - residual stream fp32 after the first add (bf16 branch x fp32 gate); LayerNorm/RMSNorm statistics fp32; RoPE angles
@@ -18,7 +19,6 @@ Precision (REFERENCE §2.6, official mode), the same on CPU and CUDA; without au
 - K/V cache: frames in the dtype written (V bf16 under autocast; K fp32 with fp32 parameters, through the RMSNorm
   weight); the EMA-sink accumulates in fp32 and attention reads it in that dtype (§10.26).
 """
-import json
 import math
 import os
 import re
@@ -30,8 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+
+from checkpoint import LazyTensor, load_shards, open_weights
 
 ROPE_THETA = 10000.0  # REFERENCE §2.5
 ROPE_MAX_POSITIONS = 1024  # Wan's rope_params(1024, ...): positions >= 1024 never trained (§2.5, §10.12)
@@ -543,48 +545,16 @@ DIFFUSERS_TO_WAN = [  # REFERENCE §2.8, applied in order to each diffusers key
 TRAINER_ENTRIES = ("generator_ema", "generator", "model", "critic")  # Self-Forcing / Stream-R1 / LongLive dicts (§2.9)
 
 
-def read_safetensors_dir(folder: Path) -> tuple[dict, str]:
-    """A folder with one *.safetensors file or a sharded *.safetensors.index.json (Wan 14B / diffusers layout)."""
-    index, files = sorted(folder.glob("*.safetensors.index.json")), sorted(folder.glob("*.safetensors"))
-    if not index and not files and (folder / "transformer").is_dir():  # a diffusers pipeline folder
-        return read_safetensors_dir(folder / "transformer")
-    if len(index) == 1:
-        return read_safetensors_index(index[0])
-    if len(files) == 1:
-        return load_file(files[0]), f"{files[0].name}"
-    raise FileNotFoundError(f"{folder}: expected one *.safetensors or one *.safetensors.index.json, found "
-                            f"{[f.name for f in index + files]}")
-
-
-def read_safetensors_index(index: Path) -> tuple[dict, str]:
-    weight_map = json.loads(index.read_text())["weight_map"]
-    sd = {}
-    for shard in sorted(set(weight_map.values())):
-        sd.update(load_file(index.parent / shard))
-    missing = sorted(set(weight_map) - set(sd))
-    if missing:
-        raise KeyError(f"{index}: keys listed in the index but absent from the shards: {missing[:5]}")
-    return sd, f"sharded {index.name} ({len(set(weight_map.values()))} shards)"
-
-
 def read_checkpoint(src, which: str | None) -> tuple[dict, str]:
-    """Load a path or dict into a flat {original Wan key: tensor} dict; returns it with a description of the format."""
+    """A path or dict as a flat {original Wan key: tensor} dict, with a description of the format. Nothing is read
+    yet (checkpoint.open_weights): the values are LazyTensors or mmap'd tensors for files and folders."""
     if isinstance(src, dict):
         sd, fmt = src, "state dict"
     else:
         path = Path(src)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if path.is_dir():
-            sd, fmt = read_safetensors_dir(path)
-        elif path.name.endswith(".index.json"):
-            sd, fmt = read_safetensors_index(path)
-        elif path.suffix == ".safetensors":
-            sd, fmt = load_file(path), "safetensors file"
-        elif path.suffix in (".pt", ".pth", ".ckpt"):
-            sd, fmt = torch.load(path, map_location="cpu", weights_only=True), f"{path.suffix} file"
-        else:
-            raise ValueError(f"{path}: unknown checkpoint type (want .safetensors, .index.json, .pt/.pth or a folder)")
+        if path.is_dir() and not any(path.glob("*.safetensors*")) and (path / "transformer").is_dir():
+            path = path / "transformer"  # a diffusers pipeline folder
+        sd, fmt = open_weights(path)
     entries = [name for name in TRAINER_ENTRIES if isinstance(sd.get(name), dict)]
     if entries:
         pick = which or next((n for n in TRAINER_ENTRIES[:3] if n in entries), None)
@@ -593,7 +563,7 @@ def read_checkpoint(src, which: str | None) -> tuple[dict, str]:
         sd, fmt = sd[pick], f"{fmt}, trainer checkpoint entry '{pick}'"
     elif which is not None:
         raise KeyError(f"{fmt}: which={which!r} given but the checkpoint is a flat state dict")
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in sd.items() if not isinstance(v, (torch.Tensor, LazyTensor))]
     if bad:
         raise ValueError(f"{fmt}: non-tensor entries {bad[:5]}; not a state dict")
     sd = {k.replace("_fsdp_wrapped_module.", ""): v for k, v in sd.items()}
@@ -617,7 +587,9 @@ def load_wan_weights(net: WanModel, path_or_state_dict, which: str | None = None
     Accepts original Wan safetensors (file, or folder/index json for shards), diffusers WanTransformer3DModel (file,
     folder or pipeline folder), ComfyUI (`model.diffusion_model.`), .pt/.pth trainer dicts with generator /
     generator_ema / critic / model entries (`model.` and `_fsdp_wrapped_module.` stripped; which picks the entry,
-    default generator_ema, then generator, then model), or a flat dict (Reward Forcing release). Parameters stay fp32.
+    default generator_ema, then generator, then model), or a flat dict (Reward Forcing release). Keys and shapes are
+    checked from the headers before any tensor is read; then each rank reads only what it holds of an FSDP2-sharded
+    `net` (checkpoint.load_shards). Parameters keep their dtype; a net on the meta device is materialised on the CPU.
     """
     sd, fmt = read_checkpoint(path_or_state_dict, which)
     expected = net.state_dict()
@@ -629,8 +601,7 @@ def load_wan_weights(net: WanModel, path_or_state_dict, which: str | None = None
         raise ValueError(f"checkpoint does not match the model (detected format: {fmt}). "
                          f"{len(missing)} missing, e.g. {missing[:5]}; {len(unexpected)} unexpected, e.g. "
                          f"{unexpected[:5]}; {len(shapes)} shape mismatches, e.g. {shapes[:5]}")
-    on_meta = any(p.is_meta for p in net.parameters())
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=on_meta)
+    load_shards(net, sd)
     return fmt
 
 

@@ -310,8 +310,7 @@ class VideoReward(nn.Module):
         pixel_values = pixel_values.detach().requires_grad_(need_grad)
         self.qwen.train(need_grad and self.gradient_checkpointing)  # HF checkpoints layers in training mode only
         try:
-            with torch.set_grad_enabled(need_grad), \
-                    torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.set_grad_enabled(need_grad):  # in the model's dtype, under the caller's autocast if any
                 raw = self(pixel_values, grid_thw, input_ids, attention_mask)[:, cols].float()
         finally:
             self.qwen.eval()
@@ -329,13 +328,13 @@ class VideoReward(nn.Module):
         return RewardResult(raw=raw, z=(raw - mean) / std, saliency=saliency, axes=tuple(axes))
 
     @classmethod
-    def from_pretrained(cls, base_dir: str | Path, release_dir: str | Path, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, base_dir: str | Path, release_dir: str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device | None = None, lora_r: int | None = None,
                         lora_alpha: float | None = None, gradient_checkpointing: bool = False) -> "VideoReward":
         """Qwen2-VL-2B base config + tokenizer from base_dir (local files only) and the VideoAlign release from
         release_dir: model_config.json and checkpoint-*/model.pth (the latest step) in the transformers 4.45 PEFT layout
         (REFERENCE §7.2). LoRA merged by hand, keys renamed to 5.x, loaded strictly. lora_r / lora_alpha override
-        model_config.json. dtype: bf16 on CUDA (VideoAlign inference, §7.1), fp32 on CPU by default."""
+        model_config.json. dtype: bf16 as VideoAlign runs it (§7.1; a run's bf16 setting picks it)."""
         from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
         base_dir, release_dir = Path(base_dir), Path(release_dir)
@@ -370,17 +369,19 @@ class VideoReward(nn.Module):
         if rm_head is None:
             raise KeyError(f"{ckpts[-1]}: no base_model.model.rm_head.weight")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        with torch.device(device):  # the random init of 2B parameters is slow on CPU; the weights overwrite it anyway
-            reward = cls(Qwen2VLForConditionalGeneration(config), tokenizer, norm, fps=data.get("fps", RM_FPS),
+        # built on the device in dtype (no fp32 copy first), with its RoPE frequency buffers in fp32 as transformers
+        # makes them (a cast module would round them: angles off by radians at position 1000)
+        with torch.device(device):
+            qwen = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+            reward = cls(qwen, tokenizer, norm, fps=data.get("fps", RM_FPS),
                          max_pixels=data.get("max_frame_pixels", VIDEO_MAX_PIXELS),
                          gradient_checkpointing=gradient_checkpointing)
         missing, unexpected = reward.qwen.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise KeyError(f"{ckpts[-1]} does not fit Qwen2-VL from {base_dir}: {len(missing)} missing {missing[:10]}, "
                            f"{len(unexpected)} unexpected {unexpected[:10]}")
-        reward.rm_head.weight.data.copy_(rm_head)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return reward.to(dtype=dtype)
+        reward.rm_head.to(dtype).weight.data.copy_(rm_head)
+        return reward
 
 
 def convert_videoalign_state_dict(state: dict[str, Tensor], lora_scale: float) -> dict[str, Tensor]:

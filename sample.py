@@ -15,13 +15,11 @@ from pathlib import Path
 import imageio.v2 as imageio
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import dmd
-from checkpoint import latest_checkpoint, network_weights
-from config import FIELDS, Components, Config, build_net, load_config, parse_flags, typed
-from model import load_wan_weights
+from checkpoint import latest_checkpoint, network_weights, open_safetensors
+from config import FIELDS, Components, Config, autocast, build_net, load_config, parse_flags, typed
 
 FPS = 16  # Wan's sample_fps (REFERENCE §1.2); one toy latent is one frame, so the toy plays at the same rate
 OWN = {"ckpt": (str, ""), "prompt": (str, None), "seconds": (float, 10.0), "frames": (int, None), "out": (str, ""),
@@ -52,7 +50,7 @@ def student_weights(cfg: Config, ckpt: str) -> tuple[str | dict, str]:
             raise SystemExit(f"--ckpt {ckpt} does not exist")
         if not ckpt.endswith(".safetensors"):
             return ckpt, ckpt
-        tensors = load_file(ckpt)  # read once: handed on as a dict
+        tensors = open_safetensors(Path(ckpt))  # the header only: the network's tensors are read when loaded
         name = next((n for n in ("ema", "net") if f"{n}.patch_embedding.weight" in tensors), None)
         return (network_weights(tensors, name), f"{ckpt} ({name})") if name else (tensors, ckpt)
     meta = latest_checkpoint(Path(cfg.out_dir))
@@ -62,7 +60,7 @@ def student_weights(cfg: Config, ckpt: str) -> tuple[str | dict, str]:
                              f" does not exist: nothing to sample from")
         return cfg.student_path, cfg.student_path
     name = "ema" if meta["has_ema"] else "net"
-    return network_weights(load_file(str(Path(cfg.out_dir) / meta["file"])), name), f"{meta['file']} ({name})"
+    return network_weights(open_safetensors(Path(cfg.out_dir) / meta["file"]), name), f"{meta['file']} ({name})"
 
 
 def main(argv: list[str]) -> None:
@@ -71,8 +69,8 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     parts = Components(cfg, device)
     weights, source = student_weights(cfg, own["ckpt"])
-    student = build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames).eval()
-    load_wan_weights(student, weights)
+    student = build_net(cfg.model_size, weights, device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
+                        frozen=True)
     prompt = own["prompt"] or parts.prompts[0]
     frames_wanted = own["frames"] or int(own["seconds"] * FPS)
     tf = parts.vae.temporal_factor
@@ -90,7 +88,7 @@ def main(argv: list[str]) -> None:
     up = own["upscale"] if cfg.world == "toy" else 1
     start = time.perf_counter()
     with imageio.get_writer(out, fps=FPS, codec="libx264", quality=8, macro_block_size=1) as writer, torch.no_grad(), \
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+            autocast(cfg, device):
         for _ in tqdm(range(chunks), desc="chunks"):
             t0 = time.perf_counter()
             noise = torch.randn(1, cfg.chunk_frames, channels, height, width, device=device)

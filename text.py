@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from checkpoint import LazyTensor, load_shards, open_weights
+
 try:  # Wan and diffusers fix mojibake with ftfy when it is installed, and skip it otherwise (§4.3)
     import ftfy
 except ImportError:
@@ -59,8 +61,9 @@ class TextEncoder:
     encode(prompts) -> [B, text_len, d_model] float32 on the model's device: ids = tokenizer(clean(p), padded to
     text_len with EOS, truncated), h = model(ids, mask); row i keeps h[i, :n_i], n_i = mask_i.sum() (EOS included),
     and is exactly zero after. Each cleaned prompt is encoded once: its n_i rows are kept (on the CPU, in the model's
-    dtype) in an LRU cache of cache_size prompts. Runs under no_grad (not inference_mode: the context feeds
-    differentiable cross-attention).
+    dtype) in an LRU cache of cache_size prompts (0: none, for an FSDP2-sharded encoder, whose forward every rank must
+    run at once: a prompt cached on one rank only would hang the others). Runs under no_grad (not inference_mode:
+    the context feeds differentiable cross-attention).
     """
 
     def __init__(self, model: UMT5EncoderModel, tokenizer, text_len: int = 512, cache_size: int = 1024):
@@ -113,41 +116,18 @@ def _wan_t5_key_to_hf(key: str) -> str | None:
     return None
 
 
-def _umt5_from_wan(path: Path, config: dict) -> UMT5EncoderModel:
-    """UMT5EncoderModel(config) holding Wan's T5Encoder weights (models_t5_umt5-xxl-enc-bf16.pth), mapped per §4.2.
-    Built on the meta device and assigned the loaded tensors, so the 5.7 B parameters are never held twice."""
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a flat state dict of tensors (got {type(sd).__name__})")
-    with torch.device("meta"):
-        model = UMT5EncoderModel(UMT5Config(**config))
-    expected = {k: v for k, v in model.state_dict().items() if k not in _TIED}
-    mapped = {k: _wan_t5_key_to_hf(k) for k in sd}
-    unexpected = [k for k, new in mapped.items() if new not in expected]
-    hf = {new: sd[k] for k, new in mapped.items() if new in expected}
-    missing = [k for k in expected if k not in hf]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match Wan's umT5 encoder (REFERENCE.md §4.2) with config {config}: "
-                         f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(missing)} missing transformers "
-                         f"keys {missing[:5]}")
-    for k, v in expected.items():
-        if hf[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(hf[k].shape)}, the config {config} gives {tuple(v.shape)}")
-    hf.update({tied: hf[src] for tied, src in _TIED.items()})
-    model.load_state_dict(hf, strict=True, assign=True)
-    model.tie_weights()
-    return model
-
-
 def load_text_encoder(path: str | Path, tokenizer_dir: str | Path, text_len: int = 512,
                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      config: dict | None = None, cache_size: int = 1024) -> TextEncoder:
+                      config: dict | None = None, cache_size: int = 1024, shard=None) -> TextEncoder:
     """TextEncoder from local files only (nothing is downloaded).
 
-    path: a transformers folder (config.json + safetensors: google/umt5-xxl or Wan2.1-*-Diffusers/text_encoder), or
-    Wan's models_t5_umt5-xxl-enc-bf16.pth, mapped per §4.2 into UMT5EncoderModel(config or UMT5_XXL_CONFIG).
-    tokenizer_dir: the tokenizer folder (google/umt5-xxl or Wan2.1-*-Diffusers/tokenizer). dtype: torch.bfloat16 as
-    Wan runs it on GPUs (§4.3); float32 on the CPU.
+    path: a transformers folder (config.json + safetensors: google/umt5-xxl, whose decoder is not read, or
+    Wan2.1-*-Diffusers/text_encoder), or Wan's models_t5_umt5-xxl-enc-bf16.pth, mapped per §4.2 into
+    UMT5EncoderModel(config or UMT5_XXL_CONFIG). tokenizer_dir: the tokenizer folder (google/umt5-xxl or
+    Wan2.1-*-Diffusers/tokenizer). dtype: torch.bfloat16 as Wan runs it (§4.3). The encoder is built on the meta
+    device, `shard(model)` (FSDP2) applied, then stored in dtype on device: keys and shapes are checked from the
+    file headers, then each rank reads only the rows it holds (checkpoint.load_shards), so the 5.7 B parameters are
+    never held twice, nor whole on a sharding rank. cache_size: see TextEncoder (0 when sharded: config.Components).
     """
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
     if not path.exists():
@@ -155,16 +135,37 @@ def load_text_encoder(path: str | Path, tokenizer_dir: str | Path, text_len: int
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {tokenizer_dir}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is a folder without config.json (expected a transformers umT5 folder)")
+    weights = open_weights(path)[0]
+    if not isinstance(weights, dict) or not all(isinstance(v, (Tensor, LazyTensor)) for v in weights.values()):
+        raise ValueError(f"{path} does not hold a flat state dict of tensors (got {type(weights).__name__})")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder without config.json (expected a transformers umT5 folder)")
-        model, info = UMT5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                       output_loading_info=True)
-        # a full google/umt5-xxl also holds the decoder, which the encoder does not use
-        unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("decoder.", "lm_head."))]
-        if info["missing_keys"] or unexpected or info["mismatched_keys"]:
-            raise ValueError(f"{path} does not match UMT5EncoderModel: missing {sorted(info['missing_keys'])[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}")
+        config, described = UMT5Config.from_pretrained(path, local_files_only=True), "in its config.json"
+        names = {k: k for k in weights if not k.startswith(("decoder.", "lm_head."))}
     else:
-        model = _umt5_from_wan(path, config or UMT5_XXL_CONFIG)
-    return TextEncoder(model.to(device=device, dtype=dtype), tokenizer, text_len, cache_size)
+        config, described = UMT5Config(**(config or UMT5_XXL_CONFIG)), f"{config or UMT5_XXL_CONFIG}"
+        names = {k: _wan_t5_key_to_hf(k) for k in weights}  # Wan's name -> transformers' (§4.2)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config).eval()
+    expected = model.state_dict()
+    unexpected = [k for k, name in names.items() if name not in expected]
+    sd = {name: weights[k] for k, name in names.items() if name in expected}
+    for a, b in [*_TIED.items(), *((b, a) for a, b in _TIED.items())]:  # one tensor under two names: either is saved
+        if a not in sd and b in sd:
+            sd[a] = sd[b]
+    missing = [k for k in expected if k not in sd]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match UMT5EncoderModel with the config {described} (REFERENCE.md §4.2): "
+                         f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(missing)} missing transformers "
+                         f"keys {missing[:5]}")
+    for k, v in expected.items():
+        if sd[k].shape != v.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the config {described} gives "
+                             f"{tuple(v.shape)}")
+    model.to(dtype)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    load_shards(model, sd)
+    return TextEncoder(model, tokenizer, text_len, cache_size)

@@ -33,8 +33,8 @@ import checkpoint
 import dmd
 import toy
 import weighting
-from config import (DDP, Components, Config, broadcast_from_rank0, build_net, config_changes, everywhere, load_config,
-                    replicate, setup_distributed, shard)
+from config import (DDP, Components, Config, autocast, build_net, config_changes, everywhere, load_config, replicate,
+                    setup_distributed, shard, sharded)
 from model import WanModel
 
 AXES = ("VQ", "MQ", "TA")
@@ -179,13 +179,14 @@ def make_optimizer(net: torch.nn.Module, lr: float, cfg: Config) -> torch.optim.
 
 # --------------------------------------------------------------------------------------------- EMA
 def new_ema(net: WanModel, cfg: Config, device: torch.device) -> WanModel:
-    """A twin of the trained network (teacher, ODE student or generator) with its weights, the same shape and
-    sharding (FSDP2 modules cannot be deep-copied); built under fork_rng so its creation does not move the RNG."""
-    with torch.random.fork_rng(devices=[]):
-        ema = WanModel(net.cfg, net.causal, net.chunk_frames).to(device).requires_grad_(False)
-    if cfg.parallel == "fsdp":
-        ema = shard(ema, cfg, per_block=False, frozen=True)
-    ema.load_state_dict(net.state_dict())
+    """A twin of the trained network (teacher, ODE student or generator) with its weights, fp32 (an EMA step is
+    below bf16's resolution), sharded like it (FSDP2 modules cannot be deep-copied). Built on the meta device, so it
+    neither draws random numbers nor is ever whole on a sharding rank."""
+    with torch.device("meta"):
+        ema = WanModel(net.cfg, net.causal, net.chunk_frames).requires_grad_(False)
+    if sharded(cfg):
+        shard(ema, cfg, (), frozen=True)
+    ema.to_empty(device=device).load_state_dict(net.state_dict())
     return ema
 
 
@@ -222,28 +223,24 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed + rank)
     parts = Components(cfg, device)
 
-    # networks: `net` is what this stage trains (teacher, ODE student or DMD generator)
+    # networks, sharded as they are built under FSDP2: `net` is what this stage trains (teacher, ODE student or DMD
+    # generator)
     teacher = critic = None
     if cfg.stage == "teacher":
-        net = build_net(cfg.teacher_size, "", device)
-        broadcast_from_rank0(net)  # random inits (seed + rank) differ per rank: all start from rank 0's
+        net = build_net(cfg.teacher_size, "", device, cfg=cfg)
         if cfg.world == "toy" and not cfg.text_path and rank == 0:
             save_model(parts.text.model, str(out / "text_encoder.safetensors"))  # tied embeddings: save_model
         sources = {"teacher (trained)": ""}
     else:
-        teacher = build_net(cfg.teacher_size, cfg.teacher_path, device).requires_grad_(False).eval()
-        net = build_net(cfg.model_size, cfg.student_path, device, causal=True, chunk_frames=cfg.chunk_frames)
+        teacher = build_net(cfg.teacher_size, cfg.teacher_path, device, cfg=cfg, frozen=True)
+        net = build_net(cfg.model_size, cfg.student_path, device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg)
         sources = {"teacher": cfg.teacher_path, "student (trained)": cfg.student_path}
     if cfg.stage == "dmd":
-        critic = build_net(cfg.model_size, cfg.critic_path, device)
+        critic = build_net(cfg.model_size, cfg.critic_path, device, cfg=cfg)
         sources["critic"] = cfg.critic_path
     if rank == 0:
         sources["text encoder"] = cfg.text_path
         print("\n".join(f"{name} <- {path or 'random init'}" for name, path in sources.items()))
-    if cfg.parallel == "fsdp":
-        net = shard(net, cfg, per_block=cfg.stage == "teacher", frozen=False)
-        critic = critic and shard(critic, cfg, per_block=True, frozen=False)
-        teacher = teacher and shard(teacher, cfg, per_block=True, frozen=True)
     for m in (net, critic):
         if m is not None:
             m.gradient_checkpointing = cfg.grad_checkpointing
@@ -266,8 +263,9 @@ def main(argv: list[str]) -> None:
     if cfg.stage == "ode":
         settings = {k: getattr(cfg, k) for k in ("teacher_path", "seed", "ode_pairs", "ode_steps", "ode_guidance",
                                                  "ode_shift", "num_frames", "height", "width")}
-        pairs = checkpoint.ode_pairs(out, rank, settings, lambda: dmd.ode_pairs(
-            teacher, parts, cfg.ode_pairs, cfg.batch_size, cfg.ode_guidance, cfg.ode_steps, cfg.ode_shift))
+        with autocast(cfg, device):
+            pairs = checkpoint.ode_pairs(out, rank, settings, lambda: dmd.ode_pairs(
+                teacher, parts, cfg.ode_pairs, cfg.batch_size, cfg.ode_guidance, cfg.ode_steps, cfg.ode_shift))
 
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     if log and changes:
@@ -275,7 +273,7 @@ def main(argv: list[str]) -> None:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc=cfg.stage)
     while step < cfg.max_steps:
         t0 = time.time()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+        with autocast(cfg, device):
             if cfg.stage == "dmd":
                 stats, taken = dmd_step(cfg, step, model, teacher, critic_model, parts, balancer, opts)
             else:
@@ -303,7 +301,8 @@ def main(argv: list[str]) -> None:
                 dist.barrier()
         if cfg.world == "toy" and cfg.stage != "teacher" and cfg.evaluate and (
                 step == cfg.max_steps or cfg.sample_every and step % cfg.sample_every == 0):
-            ev = toy.evaluate(ema or net, teacher, parts, cfg, out, step)  # every rank: FSDP2 forwards are collectives
+            with autocast(cfg, device):  # every rank: FSDP2 forwards are collectives
+                ev = toy.evaluate(ema or net, teacher, parts, cfg, out, step)
             if log:
                 log.write(json.dumps({"step": step, "eval": ev}) + "\n")
                 print(f"step {step} held-out eval: {ev}")

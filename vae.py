@@ -237,9 +237,8 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * z_dim, 2 * z_dim, 1)
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder3d(base_dim, z_dim, dim_mult, num_res_blocks, tuple(temporal_downsample)[::-1])
-        # not in the state dict: Wan2.1_VAE.pth holds the network only
-        self.register_buffer("latents_mean", torch.tensor(latents_mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(latents_std, dtype=torch.float32), persistent=False)
+        # python floats, not in the state dict (Wan2.1_VAE.pth holds the network only), nor cast with a bf16 VAE
+        self.latents_mean, self.latents_std = tuple(map(float, latents_mean)), tuple(map(float, latents_std))
 
     def _check_latents(self, latents: Tensor) -> None:
         if latents.dim() != 5 or latents.shape[2] != self.z_dim or latents.shape[1] == 0:
@@ -247,7 +246,8 @@ class WanVAE(nn.Module):
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """mean, std as [1, 1, z_dim, 1, 1] in like's dtype and device."""
-        return tuple(s.to(like)[None, None, :, None, None] for s in (self.latents_mean, self.latents_std))
+        return tuple(torch.tensor(s, dtype=like.dtype, device=like.device)[None, None, :, None, None]
+                     for s in (self.latents_mean, self.latents_std))
 
     def encode(self, pixels: Tensor) -> Tensor:
         """Normalised posterior mean: pixels [B, 1 + tf*k, 3, H, W] in [-1, 1] -> [B, 1 + k, z_dim, H/sf, W/sf].
@@ -367,8 +367,9 @@ def _check_diffusers_config(vae: WanVAE, config: dict, path: Path) -> None:
         raise ValueError(f"{path}/config.json has z_dim = {config['z_dim']}, the WanVAE has {vae.z_dim}")
     for name in ("latents_mean", "latents_std"):
         ours, theirs = getattr(vae, name), config.get(name)
-        if theirs is not None and (len(theirs) != len(ours) or not torch.allclose(torch.tensor(theirs), ours.cpu())):
-            raise ValueError(f"{path}/config.json has {name} = {theirs}, the WanVAE has {ours.tolist()}")
+        if theirs is not None and (len(theirs) != len(ours) or not torch.allclose(torch.tensor(theirs),
+                                                                                  torch.tensor(ours))):
+            raise ValueError(f"{path}/config.json has {name} = {theirs}, the WanVAE has {list(ours)}")
     if config.get("is_residual"):
         raise ValueError(f"{path}/config.json describes a residual (Wan2.2) VAE, not the Wan2.1 VAE")
 
