@@ -26,8 +26,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 # --------------------------------------------------------------------------------------------- weights read in place
 class LazyTensor:
-    """A tensor of a safetensors file, not read yet: `shape` from the file's header; `lazy[a:b]` reads rows a..b-1
-    alone (safe_open's get_slice), as an mmap'd torch.load tensor reads only the pages it touches."""
+    """A tensor of a safetensors file, not read yet: `shape` from the file's header; `lazy[a:b]` is rows a..b-1 alone
+    (safe_open's get_slice: read from disk, or since safetensors 0.8 a view of the mapped file, read where touched, as
+    an mmap'd torch.load tensor)."""
 
     def __init__(self, handle, key: str):
         self.slice = handle.get_slice(key)  # keeps the file open

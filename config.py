@@ -256,9 +256,10 @@ class Components:
             vae.load_vae_weights(self.vae, cfg.vae_path)
             self.vae.to(device, frozen)
             # umT5-XXL (5.7 B parameters, 11.4 GB in bf16) is sharded with FSDP2 under parallel=fsdp: 1.4 GB per GPU
-            # on 8, at GPU speed (a prompt is ~1 TFLOP: seconds on the one CPU thread torchrun gives each rank; every
-            # prompt file's embeddings, ~0.8 MB per prompt, would fill tens of GB per rank). Its forward then runs on
-            # every rank at once, as each encodes one batch per micro-step, so it keeps no per-rank cache of prompts.
+            # on 8, at GPU speed. Not kept on the CPU (a 100-token prompt is ~1 TFLOP: ~10 s on the one thread torchrun
+            # gives each rank, ~10 prompts per optimizer step), nor encoded up front (~0.8 MB per prompt: tens of GB
+            # for a file of tens of thousands). Every rank encodes one batch per micro-step, so the sharded forwards
+            # line up; it keeps no per-rank cache of prompts (a hit on one rank only would hang the others).
             fsdp = sharded(cfg)
             self.text = text.load_text_encoder(cfg.text_path, cfg.tokenizer_dir, dtype=frozen, device=device,
                                                cache_size=0 if fsdp else 1024,

@@ -357,6 +357,26 @@ def test_lora_merge_and_key_remap_from_445_peft_release(tmp_path, rm, frames):
     assert torch.allclose(a.z, z, atol=1e-6), "z-scores must use the release's inference_config"
 
 
+def test_bf16_release_keeps_fp32_rope_and_follows_fp32_on_cpu(tmp_path, rm, frames):
+    """from_pretrained(dtype=bf16), as a run with bf16: true stores it: bf16 parameters, the RoPE frequency buffers
+    transformers' fp32 ones (a cast module rounds them, angles off by radians at position 1000); on the CPU, pure bf16
+    and under bf16 autocast, scores and saliency follow the fp32 release (the bounds of the CUDA test below)."""
+    base, release = write_release(tmp_path, to_peft_445(rm, r=4, alpha=8.0), r=4, alpha=8.0)
+    fp32, bf16 = (VideoReward.from_pretrained(base, release, dtype=dtype, device="cpu")
+                  for dtype in (torch.float32, torch.bfloat16))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    buffers = dict(fp32.named_buffers())
+    assert all(b.dtype == torch.float32 and torch.equal(b, buffers[n]) for n, b in bf16.named_buffers())
+    ref = fp32.score_and_saliency(frames, PROMPTS, latent_shape=(3, 5, 7))
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            res = bf16.score_and_saliency(frames, PROMPTS, latent_shape=(3, 5, 7))
+        raw_err = (res.raw - ref.raw).abs().max().item() / ref.raw.abs().max().item()
+        cos = F.cosine_similarity(res.saliency.flatten(2), ref.saliency.flatten(2), dim=-1).min().item()
+        assert raw_err < 0.05 and cos > 0.98, f"bf16 (autocast {autocast}) vs fp32: raw rel err {raw_err:.3f}, " \
+                                              f"saliency cosine {cos:.4f}"
+
+
 def test_release_with_unknown_or_missing_keys_names_them(tmp_path, rm):
     state = to_peft_445(rm, r=4, alpha=8.0)
     state["base_model.model.visual.extra.weight"] = torch.zeros(1)
