@@ -472,7 +472,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
     2 == the 2-step run (each rank's own RNG stream and balancer come back). fsdp runs the Wan presets' path (bf16,
     gradient checkpointing): its losses are within 10 % of the same run's in fp32, and not equal to them (measured
     0.2-1.3 %)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash prints every thread's stack
     fsdp = parallel == "fsdp"
 
     def torchrun(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
