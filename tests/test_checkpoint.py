@@ -9,6 +9,7 @@ import os
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -145,8 +146,13 @@ def _worker(rank: int, folder: str, port: int):
         with torch.no_grad(), config.autocast(run, cpu):
             assert torch.equal(net(x, t, ctx), ref(x, t, ctx)), f"{name}: the sharded network computes otherwise"
 
+    # a checkpoint that does not fit: the clear error comes from the headers, before any tensor is read
+    with Materialised() as acc, pytest.raises(ValueError, match=r"1 missing, e.g. \['head.modulation'\].*1 shape"):
+        config.build_net("toy", str(folder / "bad.safetensors"), cpu, cfg=cfg)
+    assert acc.read == 0, f"{acc.read} bytes read before refusing a checkpoint that does not fit"
+
     # load: umT5 from Wan's .pth, sharded per block as config.Components shards it
-    t5_whole = {k: v for k, v in torch.load(folder / "t5.pth").items()}
+    t5_whole = torch.load(folder / "t5.pth")
     encoder = measured(record, "load umT5 .pth", nbytes(t5_whole.values()), lambda: text.load_text_encoder(
         folder / "t5.pth", folder / "tokenizer", text_len=8, config=TINY, cache_size=0,
         shard=lambda m: config.shard(m, cfg, m.encoder.block, True)))
@@ -193,7 +199,7 @@ def _worker(rank: int, folder: str, port: int):
 def test_no_rank_reads_or_holds_a_whole_sharded_network_at_load_or_resume(tmp_path):
     """Per rank, per network (and its optimizer states at resume): bytes read from files <= 0.55 and bytes held at
     once <= 0.6 of the whole (its half plus one tensor's transients); each rank's shards are its rows of the file,
-    the sharded networks compute what the unsharded ones do."""
+    the sharded networks compute what the unsharded ones do; a checkpoint that does not fit is refused unread."""
     whole = load_file(TEACHER)
     keys = sorted(whole)
     (tmp_path / "sharded").mkdir()
@@ -202,8 +208,11 @@ def test_no_rank_reads_or_holds_a_whole_sharded_network_at_load_or_resume(tmp_pa
         save_file({k: whole[k] for k in names}, tmp_path / "sharded" / name)
     index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
     (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    entry = lambda shift: {"model." + k: v + shift for k, v in whole.items()}  # noqa: E731
-    torch.save({"generator": entry(1.0), "generator_ema": entry(0.0), "critic": entry(2.0)}, tmp_path / "sf.pt")
+    torch.save({name: {"model." + k: v + shift for k, v in whole.items()}  # the EMA entry is read, by default
+                for name, shift in (("generator", 1.0), ("generator_ema", 0.0), ("critic", 2.0))}, tmp_path / "sf.pt")
+    bad = {k: v for k, v in whole.items() if k != "head.modulation"}
+    bad["blocks.0.ffn.0.weight"] = bad["blocks.0.ffn.0.weight"][1:]
+    save_file(bad, tmp_path / "bad.safetensors")
     torch.manual_seed(0)
     t5 = UMT5EncoderModel(UMT5Config(**TINY))
     torch.save({hf_to_wan_name(k): v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"},
