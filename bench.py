@@ -530,12 +530,13 @@ DRIFT_SETTINGS = {  # cache geometries of the drift table: name -> train.py over
 
 
 def bench_drift(ckpt: str = "", seconds: float = 60.0, window_seconds: float = 5.0, seed: int = toy.EVAL_SEED,
-                png: str = "out/drift.png", strip: str = "out/drift_strip.png"):
+                settings: str = "all", png: str = "out/drift.png", strip: str = "out/drift_strip.png"):
     """Drift of long toy streams: the student (--ckpt as sample.py reads it; default the latest out/toy run, else the
     shipped ODE init) streams `seconds` for each of the 32 eval prompts under each cache setting (DRIFT_SETTINGS),
-    from seed `seed`; per `window_seconds` window toy.drift reports colour and direction accuracy, object speed
-    (px/frame; the world's is 1) and the share of frozen streams. Plots accuracy over time per setting to `png`
-    and a strip of 4 prompts over the stream (one frame per second) to `strip`."""
+    from seed `seed` (`settings`: "all" or comma-separated indices into DRIFT_SETTINGS); per `window_seconds` window
+    toy.drift reports colour and direction accuracy, object speed (px/frame; the world's is 1) and the share of
+    frozen streams. Plots accuracy over time per setting to `png` and a strip of 4 prompts over the stream (one frame
+    per second, the toy's own cache setting) to `strip`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -546,9 +547,10 @@ def bench_drift(ckpt: str = "", seconds: float = 60.0, window_seconds: float = 5
     window = round(window_seconds * sample.FPS)
     print(f"### drift: {len(prompts)} eval prompts x {frames} frames ({frames / sample.FPS:g} s at {sample.FPS} fps), "
           f"{window}-frame windows, seed {seed}; student {source}\n")
-    results, fig, axes = {}, *plt.subplots(1, 3, figsize=(15, 4))
-    for name, overrides in DRIFT_SETTINGS.items():
-        run = config.load_config(overrides)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    names = list(DRIFT_SETTINGS) if settings == "all" else [list(DRIFT_SETTINGS)[int(i)] for i in settings.split(",")]
+    for name in names:
+        run = config.load_config(DRIFT_SETTINGS[name])
         parts = config.Components(run, torch.device("cpu"))
         student = config.build_net(run.model_size, "", parts.device, causal=True, chunk_frames=run.chunk_frames)
         load_wan_weights(student, weights)
@@ -556,7 +558,7 @@ def bench_drift(ckpt: str = "", seconds: float = 60.0, window_seconds: float = 5
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             videos = toy.stream_samples(student.eval(), parts, run, prompts, frames)
-        results[name] = rows = toy.drift(videos, prompts, window, run.sink_frames or run.chunk_frames)
+        rows = toy.drift(videos, prompts, window, run.sink_frames or run.chunk_frames)
         print(f"#### {name} ({time.perf_counter() - start:.0f} s)\n")
         print("| seconds | " + " | ".join(f"{r['start'] / sample.FPS:g}-{(r['start'] + window) / sample.FPS:g}"
                                            for r in rows) + " |")
@@ -568,7 +570,7 @@ def bench_drift(ckpt: str = "", seconds: float = 60.0, window_seconds: float = 5
         t = [(r["start"] + window / 2) / sample.FPS for r in rows]
         for ax, key in zip(axes, ("color_accuracy", "direction_accuracy", "speed")):
             ax.plot(t, [r[key] for r in rows], marker="o", label=name)
-        if name == list(DRIFT_SETTINGS)[-2]:  # the toy's own setting
+        if DRIFT_SETTINGS[name] == DRIFT_SETTINGS[list(DRIFT_SETTINGS)[2]]:  # the toy's own setting
             one_per_second = videos[[0, 9, 18, 27], ::sample.FPS]
             toy.save_strip(one_per_second, strip, upscale=2)
     for ax, key in zip(axes, ("colour accuracy", "direction accuracy", "speed (px/frame)")):
