@@ -1,10 +1,6 @@
 """Reading and writing weights and training state: weights read in place (every rank reads only its own FSDP2 shards),
 step checkpoints, the run's newest intact one, the log, the exported network.
 
-Weights are opened without reading them (safetensors headers, torch.load with mmap): `shard_of` then reads, per
-parameter or optimizer state, only the rows of dim 0 this rank holds under FSDP2 (all of it when replicated), so no
-rank ever holds a whole sharded network, at load as at resume (issue 13).
-
 out_dir holds step_N.safetensors (networks under original Wan names as `net.` / `critic.` / `ema.`, optimizer
 states as `opt.<network>.<param>.<key>`, every rank's RNG as `rng.<rank>.<device>`) and step_N.json (the state the
 loop passes, the optimizers' param groups, every rank's reward balancer, the safetensors file's name), the last two

@@ -1,10 +1,8 @@
 """DMD distillation of a streaming video student (Self-Forcing recipe; REFERENCE.md §1, §3.4, §6, §10).
 
-Paper objects, top to bottom: the flow-matching schedule (sigma, add_noise, x0_from_flow, warped_steps), the DMD/critic
-timestep sampler, the random exit step, the per-chunk few-step procedure shared by training and sampling
-(generate_chunk), the Self-Forcing rollout (self_forcing_rollout), the DMD gradient and generator loss (dmd_gradient,
-dmd_loss), the critic's flow loss (critic_loss), and the ODE initialisation (teacher_trajectory, ode_regression_loss,
-ode_pairs).
+Paper objects, top to bottom: the flow-matching schedule, the DMD/critic timestep and exit-step samplers, the per-chunk
+few-step procedure shared by training and sampling, the Self-Forcing rollout, the DMD gradient and generator loss, the
+critic's flow loss, and the ODE initialisation.
 
 Layouts: latents [B, F, C, H, W]; timesteps t are floats in [0, 1000], per sample [B] or per frame [B, F]. Every network
 predicts the flow v = eps - x0 and is called as net(x, t, context[, cache=..., write_cache=...]) (model.py).

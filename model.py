@@ -8,19 +8,12 @@ Layouts: latents x [B, F, C, H, W] (frame-major); timesteps t [B] or [B, F] floa
 [B, L <= text_len, text_dim]. Inside the network the residual stream is [B, F, S, D] with S = (H/ph)(W/pw) tokens per
 frame in row-major (h, w) order; attention runs on [B, F*S, heads, head_dim] through SDPA. Output v = eps - x0, like x.
 
-Precision (REFERENCE §2.6, official mode), the same on CPU and CUDA; without autocast everything is fp32 (CPU default):
-- parameters fp32 (bf16 for frozen networks under bf16: config.build_net); FSDP2 hands the forward bf16 copies
-  (mixed_precision_policy()). All run under bf16 autocast (bf16 parameters need it), which runs linears, the patch conv
-  and attention (SDPA) in bf16.
-- fp32 islands whatever the parameter dtype (Linear32 and LayerNorm use fp32 copies of bf16 weights): sinusoid float64
-  -> fp32, time MLP, time_projection, modulation adds, the whole head. t must arrive fp32/fp64 (bf16: 937.5 -> 936).
-- residual stream fp32 after the first add (bf16 branch x fp32 gate); LayerNorm/RMSNorm statistics fp32; RoPE angles
-  float64, tables complex64, q and k roped in fp32; output v fp32.
-- K/V cache: frames in the dtype written (V bf16 under autocast; K fp32 with fp32 parameters, through the RMSNorm
-  weight); the EMA-sink accumulates in fp32 and attention reads it in that dtype (§10.26).
+Precision (REFERENCE §2.6, official mode), the same on CPU and CUDA: fp32 parameters (bf16 for frozen networks under
+bf16, config.build_net) under bf16 autocast, which runs linears, the patch conv and attention in bf16; fp32 islands
+(Linear32, LayerNorm) for the time embedding and projection, the modulation adds and the head; the residual stream is
+fp32 after the first add; RoPE angles float64. Without autocast everything is fp32 (the CPU default).
 """
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +26,7 @@ from einops import rearrange
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import LazyTensor, load_shards, open_weights
+from checkpoint import LazyTensor, atomic_write, load_shards, open_weights
 
 ROPE_THETA = 10000.0  # REFERENCE §2.5
 ROPE_MAX_POSITIONS = 1024  # Wan's rope_params(1024, ...): positions >= 1024 never trained (§2.5, §10.12)
@@ -513,9 +506,7 @@ class KVCache:
         """Drop the oldest n_evict non-sink frames of z [B, frames, ...]; EMA: sink = a*sink + (1-a)*evicted in fp32:
         a bf16 sink would freeze (§10.26), so below fp32 the sink accumulates in sink32[key] and z holds it rounded."""
         sink, evicted, recent = z[:, :sink_len], z[:, sink_len:sink_len + n_evict], z[:, sink_len + n_evict:]
-        if self.ema_alpha is not None:
-            if evicted.shape[1] != sink.shape[1]:
-                raise RuntimeError(f"EMA-sink: {evicted.shape[1]} evicted frames vs {sink.shape[1]} sink frames")
+        if self.ema_alpha is not None:  # len(evicted) == len(sink): the geometry __init__ accepts (§10.3)
             sink = self.ema_alpha * self.sink32.get(key, sink).float() + (1 - self.ema_alpha) * evicted.float()
             if z.dtype != sink.dtype:
                 self.sink32[key], sink = sink, sink.to(z.dtype)
@@ -605,9 +596,7 @@ def load_wan_weights(net: WanModel, path_or_state_dict, which: str | None = None
     return fmt
 
 
-def save_wan_weights(net: WanModel, path: str | os.PathLike):
-    """Write the weights as safetensors with original Wan key names, atomically (temp file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+def save_wan_weights(net: WanModel, path: str | Path):
+    """Write the weights as safetensors with original Wan key names, atomically (checkpoint.atomic_write)."""
+    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    atomic_write(Path(path), lambda p: save_file(weights, p))

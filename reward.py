@@ -93,10 +93,6 @@ class RewardResult:
 
 def saliency_to_latent_grid(sal: Tensor, latent_shape: tuple[int, int, int]) -> Tensor:
     """Per-patch saliency [B, A, t, h', w'] -> latent grid [B, A, F, h, w] (trilinear, align_corners=False, §8.3)."""
-    if sal.dim() != 5:
-        raise ValueError(f"saliency must be [B, A, t, h', w'], got shape {tuple(sal.shape)}")
-    if len(latent_shape) != 3:
-        raise ValueError(f"latent_shape must be (F, h, w), got {latent_shape}")
     b, a = sal.shape[:2]
     out = F.interpolate(sal.flatten(0, 1)[:, None].float(), size=tuple(latent_shape), mode="trilinear",
                         align_corners=False)
@@ -329,12 +325,12 @@ class VideoReward(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_dir: str | Path, release_dir: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device | None = None, lora_r: int | None = None,
-                        lora_alpha: float | None = None, gradient_checkpointing: bool = False) -> "VideoReward":
+                        device: str | torch.device | None = None,
+                        gradient_checkpointing: bool = False) -> "VideoReward":
         """Qwen2-VL-2B base config + tokenizer from base_dir (local files only) and the VideoAlign release from
         release_dir: model_config.json and checkpoint-*/model.pth (the latest step) in the transformers 4.45 PEFT layout
-        (REFERENCE §7.2). LoRA merged by hand, keys renamed to 5.x, loaded strictly. lora_r / lora_alpha override
-        model_config.json. dtype: bf16 as VideoAlign runs it (§7.1; a run's bf16 setting picks it)."""
+        (REFERENCE §7.2). LoRA merged by hand, keys renamed to 5.x, loaded strictly. dtype: bf16 as VideoAlign runs it
+        (§7.1; a run's bf16 setting picks it)."""
         from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
         base_dir, release_dir = Path(base_dir), Path(release_dir)
@@ -353,8 +349,8 @@ class VideoReward(nn.Module):
                 list(data.get("eval_dim", AXES)) != list(AXES):
             raise ValueError(f"{release_dir}/model_config.json: expected the detailed_special template over {AXES}, "
                              f"got {data}")
-        r = lora_r or lora.get("lora_r", LORA_R)
-        alpha = lora_alpha or lora.get("lora_alpha", LORA_ALPHA)
+        r = lora.get("lora_r", LORA_R)
+        alpha = lora.get("lora_alpha", LORA_ALPHA)
         scale = alpha / math.sqrt(r) if lora.get("use_rslora", False) else alpha / r
         inf = mc.get("inference_config") or {}
         norm = {a: (inf.get(f"{a}_mean", NORM_DEFAULTS[a][0]), inf.get(f"{a}_std", NORM_DEFAULTS[a][1])) for a in AXES}

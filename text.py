@@ -1,10 +1,5 @@
 """umT5-XXL text encoder through transformers: Wan's prompt cleaning, padding and negative prompt (REFERENCE.md §4).
 
-Objects: NEGATIVE_PROMPT (§4.4), clean_prompt (§4.3), TextEncoder (tokenize to text_len with EOS, encode with the
-mask, trim to the real length and zero-pad back: the context every Wan DiT sees, §4.3, §10.17), load_text_encoder
-(a transformers folder, google/umt5-xxl or Wan2.1-*-Diffusers/text_encoder layout, or Wan's
-models_t5_umt5-xxl-enc-bf16.pth through the key mapping of §4.2).
-
 Layout: context [B, text_len, d_model] float32; rows from each prompt's token count (EOS included) on are exactly zero.
 """
 import html

@@ -1,16 +1,8 @@
 """Wan2.1 VAE: causal 3-D convolutional autoencoder, 4x time and 8x space compression (REFERENCE.md §5).
 
-Objects, top to bottom: the latent normalisation constants (§5.3), the building blocks (CausalConv3d, RMS_norm,
-Resample, ResidualBlock, AttentionBlock), Encoder3d / Decoder3d, WanVAE (encode, decode, stream_decoder), the
-StreamDecoder, and load_vae_weights (Wan2.1_VAE.pth or diffusers AutoencoderKLWan, §5.4).
-
 Layouts: pixels [B, T, 3, H, W] in [-1, 1]; latents [B, F, z_dim, H/8, W/8], normalised with the Wan mean/std, with
 T = 4(F - 1) + 1 (the first latent frame holds one frame, every later one four). Inside the network tensors are
 [B, C, T, H, W], as in Wan. Module and parameter names are Wan's (`wan/modules/vae.py`), so Wan2.1_VAE.pth loads as is.
-
-Streaming: every causal conv keeps the last frames of its input in a cache dict keyed by the module itself (zeros at
-the start, as Wan's front padding). Decoding feeds one latent frame at a time through that cache, so chunk-by-chunk
-decoding equals one full decode (§5.2) and no more than one latent frame's activations are alive at once.
 """
 import json
 import re
@@ -20,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file
 from torch import Tensor
+
+from checkpoint import LazyTensor, load_shards, open_weights
 
 # Latent normalisation of the 16-channel Wan2.1 VAE: z_normalised = (mu - mean) / std (REFERENCE.md §5.3).
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -341,8 +334,9 @@ def _wan_key_to_diffusers(key: str, num_res_blocks: int) -> str:
     return key
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict | None]:
-    """The tensors of a .safetensors / .pth file or a diffusers folder, and the folder's config.json (or None)."""
+def _read_state_dict(path: Path) -> tuple[dict, dict | None]:
+    """The tensors of a .safetensors / .pth file or a diffusers folder, none read yet (checkpoint.open_weights), and
+    the folder's config.json (or None)."""
     if not path.exists():
         raise FileNotFoundError(f"VAE weights not found: {path}")
     config = None
@@ -353,10 +347,8 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict | None]:
         if (path / "config.json").is_file():
             config = json.loads((path / "config.json").read_text())
         path = path / "diffusion_pytorch_model.safetensors"
-    if path.suffix == ".safetensors":
-        return load_file(path), config
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+    sd = open_weights(path)[0]
+    if not isinstance(sd, dict) or not all(isinstance(v, (Tensor, LazyTensor)) for v in sd.values()):
         raise ValueError(f"{path} does not hold a flat state dict of tensors (got {type(sd).__name__})")
     return sd, config
 
@@ -404,4 +396,4 @@ def load_vae_weights(vae: WanVAE, path: str | Path) -> None:
         if sd[k].shape != v.shape:
             raise ValueError(f"{path} ({fmt}): {k} has shape {tuple(sd[k].shape)}, "
                              f"this WanVAE expects {tuple(v.shape)}")
-    vae.load_state_dict(sd, strict=True)
+    load_shards(vae, sd)

@@ -133,16 +133,15 @@ def intra_perplexity_weights(S: Tensor, spatial_floor: float = 0.15, temporal_fl
         raise ValueError("saliency holds NaN or inf")
     x = S.detach().float()
     x = x[None] if x.dim() == 3 else x
-    if not factorised:
+    if factorised:
+        tau = x.mean((2, 3))  # [B, F]
+        w_t = ((1 - temporal_strength) + temporal_strength * _minmax(tau, (1,))).clamp_min(temporal_floor)
+        w_t = w_t / w_t.mean(1, keepdim=True)
+        w_s = ((1 - spatial_strength) + spatial_strength * _minmax(x, (2, 3))).clamp_min(spatial_floor)
+        w_s = w_s / w_s.mean((2, 3), keepdim=True)
+        W = w_t[:, :, None, None] * w_s
+    else:
         W = ((1 - spatial_strength) + spatial_strength * _minmax(x, (1, 2, 3))).clamp_min(spatial_floor)
-        W = (W / W.mean((1, 2, 3), keepdim=True))[:, :, None]
-        return W[0] if S.dim() == 3 else W
-    tau = x.mean((2, 3))  # [B, F]
-    w_t = ((1 - temporal_strength) + temporal_strength * _minmax(tau, (1,))).clamp_min(temporal_floor)
-    w_t = w_t / w_t.mean(1, keepdim=True)
-    w_s = ((1 - spatial_strength) + spatial_strength * _minmax(x, (2, 3))).clamp_min(spatial_floor)
-    w_s = w_s / w_s.mean((2, 3), keepdim=True)
-    W = w_t[:, :, None, None] * w_s
     W = (W / W.mean((1, 2, 3), keepdim=True))[:, :, None]
     return W[0] if S.dim() == 3 else W
 
