@@ -297,7 +297,7 @@ def build_net(size: str, path: str | dict, device: torch.device, causal: bool = 
     empty path, randomly initialised as on rank 0. With a run's cfg: stored in bf16 if `frozen` and cfg.bf16 (FSDP2's
     bf16 compute copies then cost nothing; a trained network keeps fp32 master weights), and sharded (parallel=fsdp
     under torchrun) while still on the meta device, so that each rank allocates and reads only its own rows of every
-    tensor (checkpoint.load_shards)."""
+    tensor (checkpoint.load_shards); a trained network checkpoints its blocks' activations if cfg.grad_checkpointing."""
     def make():
         return WanModel(SIZES[size](), causal=True, chunk_frames=chunk_frames) if causal else WanModel(SIZES[size]())
 
@@ -311,6 +311,8 @@ def build_net(size: str, path: str | dict, device: torch.device, causal: bool = 
         net.requires_grad_(False).eval()
         if cfg is not None and cfg.bf16:
             net.to(torch.bfloat16)
+    elif cfg is not None:
+        net.gradient_checkpointing = cfg.grad_checkpointing
     if cfg is not None and sharded(cfg):
         shard(net, cfg, () if causal else net.blocks, frozen)
     if path:

@@ -37,8 +37,6 @@ from config import (DDP, Components, Config, autocast, build_net, config_changes
                     setup_distributed, shard, sharded)
 from model import WanModel
 
-AXES = ("VQ", "MQ", "TA")
-
 
 # --------------------------------------------------------------------------------------------- one DMD step
 def draw_inputs(cfg: Config, parts: Components) -> tuple[list[str], torch.Tensor, int, torch.Tensor, torch.Tensor]:
@@ -61,8 +59,8 @@ def reward_weight(cfg: Config, x0: torch.Tensor, prompts: list[str], parts: Comp
     with torch.no_grad():
         pixels = parts.vae.decode(x0.detach().float())
     saliency = cfg.weighting == "stream_r1" and (cfg.spatial or cfg.temporal)
-    res = parts.reward.score_and_saliency(pixels, prompts, axes=AXES,
-                                          latent_shape=(x0.shape[1], *x0.shape[3:]) if saliency else None)
+    res = parts.reward.score_and_saliency(pixels, prompts, latent_shape=(x0.shape[1], *x0.shape[3:]) if saliency
+                                          else None)
     stats = {f"reward_{a}": res.z[:, i].mean().item() for i, a in enumerate(res.axes)}
     if cfg.weighting == "re_dmd":
         weight = weighting.re_dmd_weight(res.z[:, res.axes.index("MQ")], beta=cfg.beta)
@@ -241,9 +239,6 @@ def main(argv: list[str]) -> None:
     if rank == 0:
         sources["text encoder"] = cfg.text_path
         print("\n".join(f"{name} <- {path or 'random init'}" for name, path in sources.items()))
-    for m in (net, critic):
-        if m is not None:
-            m.gradient_checkpointing = cfg.grad_checkpointing
     opts = {"net": make_optimizer(net, cfg.lr, cfg)}
     if critic is not None:
         opts["critic"] = make_optimizer(critic, cfg.lr_critic, cfg)
