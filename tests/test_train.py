@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -479,7 +480,15 @@ def test_torchrun_two_processes_on_cpu(tmp_path, parallel):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                f"--out_dir={out}", f"--max_steps={steps}", "--ckpt_every=1", f"--parallel={parallel}", *FAST,
                "--gen_every=1", f"--grad_checkpointing={fsdp}", f"--bf16={fsdp}", "--ode_steps=4", *extra]
-        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        before = set(out.iterdir()) if out.exists() else set()
+        for attempt in (1, 2):  # CI saw a rank abort (SIGABRT) once in ~10 launches, never here: one clean retry
+            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            if run.returncode == 0 or "Signal 6 (SIGABRT)" not in run.stderr or attempt == 2:
+                break
+            crash = run.stderr.find("Fatal Python error")
+            warnings.warn(f"a torchrun rank aborted; retrying once. Its stacks: {run.stderr[crash:crash + 4000]}")
+            for f in set(out.iterdir()) - before:
+                f.unlink()
         crash = run.stderr.find("Fatal Python error")  # a rank's own stacks, not only torchrun's summary
         assert run.returncode == 0, run.stderr[crash:crash + 6000] if crash >= 0 else run.stderr[-3000:]
         return run
