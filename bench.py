@@ -13,8 +13,12 @@ CPU sections (fp32, one thread by default: the 2 shared cores make 2 threads sta
   ablation    toy ablation: plain DMD, Re-DMD, Stream-R1 with components added one at a time, several seeds
   blur        saliency blur stress test: blur the lower half of toy videos, where do the Stream-R1 weights go
   drift       60-s toy streams per cache setting: colour / direction accuracy, speed and frozen share per 5-s window
-CUDA section (skipped without a GPU):
-  cuda        Wan-1.3B-shape streaming at 832x480, bf16, eager vs torch.compile, VAE decode in/out; vs 17.0 / 23.1 FPS
+  plan        per-GPU memory plan of a preset on N GPUs (--config FILE --gpus N), on fake tensors: nothing allocated;
+              last line `peak <X> GiB per GPU`
+GPU section (each part skipped without a GPU):
+  gpu         the one-shot GPU check: (a) Wan-1.3B streaming FPS at 832x480, eager / torch.compile, VAE decode in /
+              out, vs 17.0 / 23.1 FPS; (b) one Stream-R1 training step, time and peak memory vs the plan;
+              (c) bf16 vs fp32 streaming error
 
 --write appends what the section printed, with the machine, command and date, to BENCHMARKS.md (ablation and blur:
 to ABLATION_MD, for the README). Toy sections use the shipped assets/ when present, else random-init networks of the
@@ -22,6 +26,9 @@ same toy configs (speed does not depend on the weights); the output says which.
 """
 import argparse
 import contextlib
+import dataclasses
+import functools
+import gc
 import inspect
 import io
 import json
@@ -35,21 +42,36 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+import warnings
+import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import yaml
 from safetensors.torch import save_model
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import dmd
 import config
+import dmd
+import reward
+import text
 import sample
 import toy
 import train
+import vae
 import weighting
-from model import WanConfig, WanModel, load_wan_weights, save_wan_weights
+from model import KVCache, WanConfig, WanModel, load_wan_weights, save_wan_weights
 
 ROOT = Path(__file__).resolve().parent
 ABLATION_MD = Path("out/ablation.md")
@@ -95,8 +117,10 @@ def toy_assets() -> tuple[list[str], str]:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a KVCache: self-attention K/V of every layer plus the prompt's cross-attention K/V."""
-    tensors = [z for z in cache.k + cache.v if z is not None] + [z for kv in cache.cross_kv or [] for z in kv]
+    """Bytes held by a KVCache: self-attention K/V of every layer, the fp32 EMA-sink accumulator behind a
+    lower-precision sink (sink32), and the prompt's cross-attention K/V."""
+    tensors = [z for z in cache.k + cache.v if z is not None] + list(cache.sink32.values()) + \
+        [z for kv in cache.cross_kv or [] for z in kv]
     return sum(z.numel() * z.element_size() for z in tensors)
 
 
@@ -582,70 +606,792 @@ def bench_drift(ckpt: str = "", seconds: float = 60.0, window_seconds: float = 5
     print(f"plot: {png}; strip (prompts 0, 9, 18, 27; one frame per second, {toy.TOY_EMA_ALPHA} EMA-sink): {strip}")
 
 
-# --------------------------------------------------------------------------------------------- CUDA
-def stream_chunks(net: WanModel, vae, ctx: torch.Tensor, height: int, width: int, n_chunks: int,
+# --------------------------------------------------------------------------------------------- memory plan (issue 13)
+GIB = 2 ** 30
+# Qwen2-VL-2B-Instruct's config.json, VideoReward's backbone (REFERENCE §7.1); the embeddings resized to VideoAlign's
+# tokenizer, 151,657 + 3 reward tokens. The planner builds it with random weights: no file is read.
+QWEN2_VL_2B = dict(
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                       temporal_patch_size=2, spatial_merge_size=2),
+    text_config=dict(vocab_size=151660, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+    tie_word_embeddings=True)
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>")
+QWEN_CHAT_TEMPLATE = (  # Qwen2-VL's template as VideoAlign renders it: default system turn, one [video, text] user turn
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}{% if content['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PLAN_PROMPT = "a red fox runs through fresh snow in a pine forest at dawn, the camera tracking it from the side"
+
+
+# DTensor's output-shape propagation (a private method; should a torch lack it, FakeRun warns and mutes nothing)
+SHARDING_PROPAGATION = getattr(ShardingPropagator, "_propagate_tensor_meta_non_cached", None)
+
+
+class FakeRun(TorchDispatchMode):
+    """The mode `bench.py plan` runs the project's own training step and sampling loop under, inside torch's
+    FakeTensorMode (tensors have shapes, dtypes and devices but no data: nothing is allocated). It counts the bytes of
+    every tensor storage alive, as torch.distributed._tools.MemTracker does (weak references to storages, FSDP2's
+    storage resize_ patched in; tests/test_bench.py checks the two agree), without its per-module bookkeeping (~40x
+    slower at Wan scale) and without DTensor's shape propagation, which under FakeTensorMode runs in the active fake
+    mode on global-shape stand-ins that no real run allocates. It also supplies what data a fake tensor cannot:
+    - metadata, i.e. integer and boolean tensors made from Python values and everything computed from real tensors
+      only (token ids, masks, umT5's position buckets, Qwen2-VL's grid and sequence lengths, device meshes), is
+      computed for real and counted (a GPU run holds most of it on the GPU);
+    - a number read back from device data (loss, gradient norm, reward z: logs, finite checks, the balancer) is 0,
+      and a boolean check (weighting's `torch.isfinite(S).all()`) holds: the step of a normal run, every update taken;
+    - `torch.equal` (the model's same-prompt test before reusing its cached cross-attention K/V) is True: one prompt
+      per stream.
+    It keeps the peak while each `phase(name)` runs (nested phases included) and, at the highest point overall, the
+    bytes alive per category (`register`, else the phase that made them)."""
+
+    def __init__(self, fake_mode):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.storages: dict[int, tuple[int, str]] = {}  # storage id -> (bytes, category)
+        self.by_category: defaultdict[str, int] = defaultdict(int)
+        self.live = self.peak = 0
+        self.at_peak: dict[str, int] = {}
+        self.peak_phase = ""
+        self.phases: list[str] = ["resident"]
+        self.resident: dict[str, int] = {}
+        self.phase_peaks: dict[str, int] = {}
+        self.resize = torch.UntypedStorage.resize_
+        self.muted = 0
+
+    # ---- counting
+    def _grew(self) -> None:
+        for label in self.phases:
+            self.phase_peaks[label] = max(self.phase_peaks.get(label, 0), self.live)
+        if self.live > self.peak:
+            self.peak, self.at_peak, self.peak_phase = self.live, dict(self.by_category), self.phases[-1]
+
+    def _add(self, storage, category: str, recategorise: bool = False) -> None:
+        key, size = storage._cdata, storage.nbytes()
+        if key in self.storages:  # a view of a counted storage, or a registered one changing category
+            old, old_category = self.storages[key]
+            if recategorise:
+                self.by_category[old_category] -= old
+                self.by_category[category] += old
+                self.storages[key] = (old, category)
+            return
+        self.storages[key] = (size, category)
+        self.by_category[category] += size
+        self.live += size
+        weakref.finalize(storage, self._drop, key)
+        self._grew()
+
+    def _drop(self, key: int) -> None:
+        size, category = self.storages.pop(key)
+        self.by_category[category] -= size
+        self.live -= size
+
+    def _resized(self, storage) -> None:
+        key = storage._cdata
+        if key in self.storages:
+            old, category = self.storages[key]
+            self.storages[key] = (storage.nbytes(), category)
+            self.by_category[category] += storage.nbytes() - old
+            self.live += storage.nbytes() - old
+            self._grew()
+
+    def register(self, tensors, category: str) -> int:
+        """Count `tensors` (an iterable; DTensors by their local shards) under `category`; returns their bytes."""
+        total, seen = 0, set()
+        for t in tensors:
+            for storage in get_untyped_storages(t):
+                if storage._cdata not in seen:
+                    seen.add(storage._cdata)
+                    total += storage.nbytes()
+                    self._add(storage, category, recategorise=True)
+        return total
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.phases.append(name)
+        self._grew()
+        try:
+            yield
+        finally:
+            self.phases.pop()
+
+    def reset_peaks(self) -> None:
+        """The step starts: what is alive now is resident; the peaks so far (building the networks) are forgotten."""
+        self.resident, self.phases = dict(self.by_category), ["step"]
+        self.peak, self.at_peak, self.phase_peaks = self.live, dict(self.by_category), {}
+
+    # ---- dispatch
+    def __enter__(self):
+        mode, resize, propagate = self, self.resize, SHARDING_PROPAGATION
+
+        def resize_(storage, size):  # FSDP2 frees and re-allocates gathered parameters in place
+            resize(storage, size)
+            mode._resized(storage)
+
+        def propagation(*args, **kwargs):  # DTensor's output-shape propagation runs under the active fake mode
+            mode.muted += 1  # on global-shape stand-ins a real run never allocates (it makes its own fake mode)
+            try:
+                return propagate(*args, **kwargs)
+            finally:
+                mode.muted -= 1
+
+        torch.UntypedStorage.resize_ = resize_
+        if SHARDING_PROPAGATION is None:
+            warnings.warn("this torch has no ShardingPropagator._propagate_tensor_meta_non_cached: DTensor's "
+                          "global-shape stand-ins are counted, so the plan of FSDP2-sharded networks comes out high")
+        else:
+            ShardingPropagator._propagate_tensor_meta_non_cached = propagation
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self.resize
+        if SHARDING_PROPAGATION is not None:
+            ShardingPropagator._propagate_tensor_meta_non_cached = SHARDING_PROPAGATION
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if DTensor in types:
+            return NotImplemented  # DTensor runs its local ops, which come back here
+        inputs = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))
+                  if isinstance(t, torch.Tensor)]
+        if inputs and not any(isinstance(t, FakeTensor) for t in inputs):
+            with unset_fake_temporarily():  # metadata, computed from real tensors only
+                return self._count(func(*args, **kwargs))
+        if func is torch.ops.aten.equal.default:
+            return True
+        if func is torch.ops.aten._local_scalar_dense.default:
+            dtype = args[0].dtype
+            return True if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+        out = func(*args, **kwargs)
+        if not inputs and isinstance(out, torch.Tensor) and not (out.dtype.is_floating_point or out.dtype.is_complex):
+            with unset_fake_temporarily():  # an integer / boolean tensor from Python values: metadata
+                out = func(*args, **kwargs)
+        return self._count(out)
+
+    def _count(self, out):
+        # FakeTensorMode weakly memoises what it wraps on a dispatch-cache miss; a weak reference blocks
+        # torch.utils.swap_tensors, which nn.Module.to uses on fake parameters (Components' dtype / device moves)
+        self.fake_mode.fake_tensor_converter.tensor_memo.clear()
+        if not self.muted:
+            category = self.phases[-1]
+            for t in (out if isinstance(out, (list, tuple)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self._add(t.untyped_storage(), category)
+        return out
+
+
+@contextlib.contextmanager
+def fake_world(gpus: int | None):
+    """FakeTensorMode + FakeRun; with `gpus`, this process is rank 0 of a fake process group of that size (torch's
+    "fake" backend: collectives return at once), so FSDP2's fully_shard shards and gathers as on rank 0 of gpus."""
+    if torch.cuda.is_available():  # FSDP2 would shard onto the GPU, where CPU autocast does not apply
+        raise SystemExit("the memory plan runs on the CPU: hide the GPUs (CUDA_VISIBLE_DEVICES=) as bench.py plan does")
+    if gpus:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake, FakeRun(fake) as run:
+            yield run
+    finally:
+        if gpus:
+            dist.destroy_process_group()
+
+
+def qwen_stand_in_tokenizer() -> "transformers.PreTrainedTokenizerFast":
+    """VideoReward's tokenizer without its files: one token per word or punctuation mark of VideoAlign's prompt
+    (about as many as Qwen2's BPE gives English), Qwen2-VL's special tokens, the reward tokens, its chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = re.findall(r"\w+|[^\w\s]", "system You are a helpful assistant user " + reward.build_prompt(PLAN_PROMPT))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(["[UNK]", *words]))},
+                                         unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>")
+    tok.add_tokens([*QWEN_SPECIALS, *reward.REWARD_TOKENS.values()], special_tokens=True)
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def wan_components(cfg: config.Config, device: torch.device, vae_kwargs: dict | None = None,
+                   text_config: dict | None = None, qwen_config: dict | None = None,
+                   reward_kwargs: dict | None = None) -> config.Components:
+    """config.Components for world=wan, run as is (its dtypes, devices, sharding, the negative prompt's encoding) with
+    only its file reads replaced: the Wan VAE, umT5-XXL and VideoReward (Qwen2-VL-2B) are built at their real shapes
+    (or the given ones: WanVAE kwargs, UMT5Config and Qwen2VLConfig fields, VideoReward kwargs) with random weights,
+    as their loaders build them (umT5: in `dtype`, then `shard`, on `device`; VideoReward: on `device` in `dtype`),
+    with stand-in tokenizers (the umT5 context is padded to text_len whatever the prompt); the prompt file holds
+    PLAN_PROMPT."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, UMT5Config, UMT5EncoderModel
+
+    def load_text_encoder(path, tokenizer_dir, text_len=512, dtype=torch.float32, device="cpu", config=None,
+                          cache_size=1024, shard=None):
+        with torch.device(device):
+            model = UMT5EncoderModel._from_config(UMT5Config(**(text_config or config or text.UMT5_XXL_CONFIG)),
+                                                  dtype=dtype).eval()
+        if shard is not None:
+            shard(model)
+        return text.TextEncoder(model, toy.toy_tokenizer(), text_len, cache_size)
+
+    def from_pretrained(base_dir, release_dir, dtype=torch.bfloat16, device=None, gradient_checkpointing=False,
+                        **_):
+        tok = qwen_stand_in_tokenizer()
+        ids = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+        config_ = Qwen2VLConfig(**(qwen_config or QWEN2_VL_2B), **dict(zip(
+            ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), ids)))
+        with torch.device(device):
+            qwen = Qwen2VLForConditionalGeneration._from_config(config_, dtype=dtype)
+        return reward.VideoReward(qwen, tok, gradient_checkpointing=gradient_checkpointing, **(reward_kwargs or {}))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.txt"
+        prompts.write_text(PLAN_PROMPT + "\n")
+        targets = [(vae, "load_vae_weights", lambda *a, **k: None), (text, "load_text_encoder", load_text_encoder),
+                   (reward.VideoReward, "from_pretrained", from_pretrained)]
+        if vae_kwargs:
+            targets.append((vae, "WanVAE", functools.partial(vae.WanVAE, **vae_kwargs)))
+        with patched(targets):
+            return config.Components(dataclasses.replace(cfg, prompt_file=str(prompts)), device)
+
+
+def plan_config(path: str) -> config.Config:
+    """A preset read and checked as train.py reads it, except that its files need not exist (the plan reads none)."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = sorted(set(values) - set(config.FIELDS))
+    if unknown:
+        raise SystemExit(f"{path}: unknown config keys {unknown}")
+    cfg = config.Config(**{k: config.typed(k, v, config.FIELDS[k]) for k, v in values.items()})
+    files = {k: path for k in ("teacher_path", "critic_path", "student_path", "text_path", "tokenizer_dir", "vae_path",
+                               "reward_base_dir", "reward_release_dir", "prompt_file") if getattr(cfg, k)}
+    config.validate_config(dataclasses.replace(cfg, **files))  # every other check, the YAML file standing in for files
+    return cfg
+
+
+def world_components(cfg: config.Config, device: torch.device) -> config.Components:
+    """The planner's Components: the toy world's own (a fresh toy text encoder: nothing read), or wan_components."""
+    return config.Components(dataclasses.replace(cfg, text_path=""), device) if cfg.world == "toy" else \
+        wan_components(cfg, device)
+
+
+def warm_optimizer(opt: torch.optim.Optimizer) -> None:
+    """AdamW's states as its first step creates them (step, exp_avg, exp_avg_sq): the planned step is a steady-state
+    one. foreach on, as AdamW defaults to on CUDA (on the CPU it loops per parameter, without the gradient-sized
+    temporaries of foreach's step)."""
+    for group in opt.param_groups:
+        group["foreach"] = True
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                            "exp_avg_sq": torch.zeros_like(p)}
+
+
+@contextlib.contextmanager
+def patched(targets):
+    """Set obj.name = value for each (obj, name, value) of `targets`, restored on exit (an instance's own attribute
+    removed again, so its class's method shows through)."""
+    saved = [(obj, name, obj.__dict__.get(name, _ABSENT)) for obj, name, _ in targets]
+    for obj, name, value in targets:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+_ABSENT = object()
+
+
+def probe(run: FakeRun, fn, label):
+    """fn wrapped to run inside run.phase(label); `label` may be a function of fn's arguments."""
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        with run.phase(label(*args, **kwargs) if callable(label) else label):
+            return fn(*args, **kwargs)
+    return inner
+
+
+class Marks:
+    """What training_step and sample_stream tell the counter: FakeRun's interface, doing nothing (real runs, which
+    torch's allocator counts)."""
+
+    def register(self, tensors, category: str) -> int:
+        return 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        yield
+
+    def reset_peaks(self) -> None:
+        pass
+
+
+def training_step(cfg: config.Config, device: torch.device, gpus: int, run=Marks(), parts_fn=None,
+                  exit_step: int = 0, every_micro_step: bool = False) -> dict:
+    """One generator + critic optimizer step of `cfg` on this rank of a `gpus`-process group (under torchrun: a real
+    one; in bench.py plan: fake), everything built as train.main builds it: Components (parts_fn(cfg, device); default
+    world_components), teacher, student and critic by config.build_net with random weights, AdamW with its states,
+    the EMA. The step is train.dmd_step itself at step 0 (a generator step) with its random branches fixed: the exit
+    step (`exit_step`; every k keeps one grad-enabled forward per chunk: the same graph) and, in long tuning, the last
+    window start (its chunks attend a full cache); each update runs only the last of its grad_accum micro-steps,
+    with the earlier ones' gradients present (every_micro_step: all of them, as train.update does). Under bf16
+    autocast if cfg.bf16. `run` gets the resident tensors by category, the
+    step's start (reset_peaks) and its phases. Returns {"gradients": {network: bytes}, "kv_cache": bytes (the
+    rollout's cache at its largest)}."""
+    parts_fn = parts_fn or world_components
+    with config.autocast(cfg, device):
+        parts = parts_fn(cfg, device)
+        teacher = config.build_net(cfg.teacher_size, "", device, cfg=cfg, frozen=True)
+        net = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg)
+        critic = config.build_net(cfg.model_size, "", device, cfg=cfg)
+        opts = {"net": train.make_optimizer(net, cfg.lr, cfg),
+                "critic": train.make_optimizer(critic, cfg.lr_critic, cfg)}
+        for opt in opts.values():
+            warm_optimizer(opt)
+        ema = train.new_ema(net, cfg, device)
+        balancer = weighting.RewardBalancer(cfg.balance_window, cfg.balance_warmup, cfg.balance_lambda)
+        model, critic_model = config.replicate(net, cfg, gpus), config.replicate(critic, cfg, gpus)
+        for name, m, opt in (("student", net, opts["net"]), ("critic", critic, opts["critic"]),
+                             ("student EMA", ema, None), ("teacher", teacher, None), ("VAE", parts.vae, None),
+                             ("text encoder", parts.text.model, None), ("VideoReward", parts.reward, None)):
+            if isinstance(m, torch.nn.Module):
+                run.register([*m.parameters(), *m.buffers()], f"{name}: parameters")
+            if opt is not None:
+                run.register([v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)],
+                             f"{name}: optimizer states")
+        run.reset_peaks()
+
+        gradients, kv, updating = {}, [0], [""]
+        update_fn, step_fn, backward_fn = train.update, train.optimizer_step, torch.Tensor.backward
+        write_fn = KVCache.write
+
+        def update(model_, opt, micro_step, cfg_):  # the last micro-step: the earlier ones left their gradients
+            updating[0] = "generator" if model_ is model else "critic"
+            if cfg_.grad_accum > 1 and not every_micro_step:
+                for p in model_.parameters():
+                    p.grad = torch.zeros_like(p) if p.requires_grad else None
+                run.register([p.grad for p in model_.parameters() if p.grad is not None],
+                             f"{'student' if model_ is model else 'critic'}: gradients")
+                cfg_ = dataclasses.replace(cfg_, grad_accum=1)
+            with run.phase(f"{updating[0]} update"):
+                return update_fn(model_, opt, micro_step, cfg_)
+
+        def backward(loss, *args, **kwargs):
+            with run.phase(f"{updating[0]} backward"):
+                return backward_fn(loss, *args, **kwargs)
+
+        def optimizer_step(model_, opt, clip):
+            name = "student" if model_ is model else "critic"
+            gradients[name] = run.register([p.grad for p in model_.parameters() if p.grad is not None],
+                                           f"{name}: gradients")
+            with run.phase(f"{name} optimizer step"):
+                return step_fn(model_, opt, clip)
+
+        def write(cache, *args, **kwargs):  # the cache between chunks, at its largest (no reference kept)
+            written = write_fn(cache, *args, **kwargs)
+            kv[0] = max(kv[0], cache_bytes(cache))
+            return written
+
+        def rollout_label(*args, **kwargs):
+            return "generator rollout" if torch.is_grad_enabled() else "critic rollout (no graph)"
+
+        window_start = (cfg.rollout_frames or cfg.num_frames) - cfg.num_frames
+        targets = [(dmd, "sample_exit_step", lambda *a, **k: exit_step),
+                   (dmd, "sample_window_start", lambda *a, **k: window_start),
+                   (train, "update", update), (train, "optimizer_step", optimizer_step), (KVCache, "write", write),
+                   (torch.Tensor, "backward", backward),
+                   (dmd, "self_forcing_rollout", probe(run, dmd.self_forcing_rollout, rollout_label)),
+                   (dmd, "dmd_gradient", probe(run, dmd.dmd_gradient, "DMD gradient")),
+                   (dmd, "critic_loss", probe(run, dmd.critic_loss, "critic loss")),
+                   (parts.text, "encode", probe(run, parts.text.encode, "text encoder")),
+                   (parts.vae, "decode", probe(run, parts.vae.decode, "VAE decode"))]
+        if parts.reward is not None:
+            targets.append((parts.reward, "score_and_saliency", probe(run, parts.reward.score_and_saliency,
+                                                                      "VideoReward")))
+        with patched(targets):
+            train.dmd_step(cfg, 0, model, teacher, critic_model, parts, balancer, opts)
+            with run.phase("EMA update"):
+                train.ema_after_step(ema, net, 1, True, cfg, device)
+    return dict(gradients=gradients, kv_cache=kv[0])
+
+
+def sample_stream(cfg: config.Config, device: torch.device, run=Marks(), parts_fn=None, chunks: int = 4) -> dict:
+    """sample.py's stream without its mp4: config.Components and the student as sample.py builds them (its config:
+    stage dmd, weighting none, so no reward model; random weights), then `chunks` chunks of its loop
+    (dmd.generate_chunk with every step and the cache refresh, the streaming VAE decode, uint8 frames) under no_grad
+    and the config's autocast; by the third chunk the window is full and the EMA-sink fuses. `run` as in
+    training_step. Returns {"kv_cache": bytes}."""
+    parts_fn = parts_fn or world_components
+    cfg = dataclasses.replace(cfg, stage="dmd", weighting="none")
+    with torch.no_grad(), config.autocast(cfg, device):
+        parts = parts_fn(cfg, device)
+        student = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
+                                   frozen=True)
+        for name, m in (("student", student), ("VAE", parts.vae), ("text encoder", parts.text.model)):
+            if isinstance(m, torch.nn.Module):
+                run.register([*m.parameters(), *m.buffers()], f"{name}: parameters")
+        run.reset_peaks()
+        with run.phase("sampling"):
+            _, c, h, w = parts.latent_shape()
+            ctx, steps = parts.context([parts.prompts[0]]), dmd.warped_steps(cfg.steps, cfg.shift)
+            cache, decoder = student.new_cache(1, **cfg.cache_options()), parts.vae.stream_decoder()
+            for _ in range(chunks):
+                noise = torch.randn(1, cfg.chunk_frames, c, h, w, device=device)
+                pixels = decoder(dmd.generate_chunk(student, noise, ctx, cache, steps))[0].float()
+                ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return dict(kv_cache=cache_bytes(cache))
+
+
+def planned(program, cfg: config.Config, gpus: int | None, **kwargs) -> dict:
+    """program(cfg, device, run=..., **kwargs) (training_step or sample_stream) under fake_world(gpus): nothing is
+    allocated. Returns what it returned plus "resident" {category: bytes} (alive when the step starts), "phases"
+    {phase: peak bytes while it ran, nested phases included}, "peak", "peak_phase" (the innermost phase then) and
+    "at_peak" {category: bytes alive at the peak; step tensors by the phase that made them}."""
+    with fake_world(gpus) as run:
+        out = program(cfg, torch.device("cpu"), run=run, **kwargs)
+    return dict(out, resident={k: v for k, v in run.resident.items() if v}, phases=run.phase_peaks, peak=run.peak,
+                peak_phase=run.peak_phase, at_peak={k: v for k, v in run.at_peak.items() if v})
+
+
+PLAN_ROWS = {  # phase -> table row (indented: runs inside the update above it)
+    "generator update": "generator update", "text encoder": "· text encoder (both updates)",
+    "generator rollout": "· generator rollout (graph, KV cache)",
+    "DMD gradient": "· DMD gradient (teacher CFG + critic)",
+    "VAE decode": "· VAE decode", "VideoReward": "· VideoReward forward + saliency backward",
+    "generator backward": "· generator backward", "student optimizer step": "· student optimizer step",
+    "critic update": "critic update", "critic rollout (no graph)": "· critic rollout (no graph)",
+    "critic loss": "· critic loss (forward)", "critic backward": "· critic backward",
+    "critic optimizer step": "· critic optimizer step", "EMA update": "EMA update"}
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def bench_plan(config: str = "configs/wan1.3b_stream_r1.yaml", gpus: int = 8, both: bool = True, json_out: str = ""):
+    """Per-GPU memory plan of a preset on `gpus` GPUs, computed on this CPU without allocating (issue 13): the
+    project's own training step (training_step: train.dmd_step on rank 0 of a fake process group, FSDP2's real
+    fully_shard) and sample.py's stream (sample_stream), run under FakeTensorMode with FakeRun counting every tensor
+    at the real shapes, random weights. Prints the resident bytes per network, the peak while each phase of the step
+    runs (with activation checkpointing on and off; `both=false`: only the config's setting), what is alive at the
+    peak, and sampling's peak; the last line is `peak <X> GiB per GPU`: the step with the config's checkpointing.
+    `json_out`: also write the numbers there. Minutes per variant at Wan shapes (one CPU core)."""
+    cfg = plan_config(config)
+    if cfg.parallel == "ddp" and gpus > 1:
+        raise SystemExit(f"{config}: parallel=ddp on {gpus} GPUs is not planned (DistributedDataParallel does not run "
+                         f"on fake tensors); every Wan preset is parallel=fsdp, or plan --gpus 1")
+    start = time.perf_counter()
+    step = functools.partial(training_step, gpus=gpus)
+    runs = {ckpt: planned(step, dataclasses.replace(cfg, grad_checkpointing=ckpt), gpus)
+            for ckpt in ([cfg.grad_checkpointing, not cfg.grad_checkpointing] if both else [cfg.grad_checkpointing])}
+    sampling = planned(sample_stream, cfg, None)
+    print_plan(cfg, config, gpus, runs, sampling, time.perf_counter() - start)
+    if json_out:
+        Path(json_out).write_text(json.dumps({"config": config, "gpus": gpus, "sampling": sampling, "training": {
+            "checkpointing on" if c else "checkpointing off": r for c, r in runs.items()}}, indent=1))
+
+
+def print_plan(cfg: config.Config, path: str, gpus: int, runs: dict, sampling: dict, seconds: float) -> None:
+    """bench.py plan's tables: `runs` {grad_checkpointing: planned training_step}, `sampling` planned
+    sample_stream; the last line is `peak <X> GiB per GPU` (the step with the config's checkpointing)."""
+    train_run = runs[cfg.grad_checkpointing]
+    print(f"### memory plan: {path} on {gpus} GPU(s), per GPU (rank 0), GiB\n")
+    print(f"parallel={cfg.parallel}, bf16={cfg.bf16}, batch {cfg.batch_size} x grad_accum {cfg.grad_accum}, "
+          f"{cfg.height}x{cfg.width}, {cfg.num_frames} latent frames (rollout {cfg.rollout_frames or cfg.num_frames}), "
+          f"student / critic {cfg.model_size}, teacher {cfg.teacher_size}, weighting {cfg.weighting}; FakeTensorMode "
+          f"on the CPU (nothing allocated, random weights), {seconds:.0f} s\n")
+    print("| resident between steps | GiB |\n| --- | --- |")
+    for k, v in sorted(train_run["resident"].items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {gib(v)} |")
+    print(f"| **total** | **{gib(sum(train_run['resident'].values()))}** |\n")
+    labels = {True: "checkpointing on", False: "checkpointing off"}
+    print("| one generator step (generator update, then critic update): peak while it runs | "
+          + " | ".join(labels[c] + (" (config)" if c == cfg.grad_checkpointing else "") for c in runs) + " |")
+    print("| --- " * (len(runs) + 1) + "|")
+    phases = list(PLAN_ROWS) + [p for p in train_run["phases"] if p not in PLAN_ROWS and p != "step"]
+    for p in phases:
+        if any(p in r["phases"] for r in runs.values()):
+            print(f"| {PLAN_ROWS.get(p, p)} | " + " | ".join(gib(r["phases"].get(p, 0)) for r in runs.values()) + " |")
+    print("| **step peak** | " + " | ".join(f"**{gib(r['peak'])}**" for r in runs.values()) + " |\n")
+    at = sorted(train_run["at_peak"].items(), key=lambda kv: -kv[1])
+    print(f"At the step's peak ({labels[cfg.grad_checkpointing]}, in {train_run['peak_phase']}): "
+          + ", ".join(f"{k} {gib(v)}" for k, v in at if v >= GIB // 100) + ".")
+    print("Gradients held between micro-steps: " + ", ".join(f"{k} {gib(v)}" for k, v in train_run["gradients"].items())
+          + f"; the rollout's KV cache at its largest: {gib(train_run['kv_cache'])}.\n")
+    print("| sampling (sample.py, one GPU) | GiB |\n| --- | --- |")
+    for k, v in sorted(sampling["resident"].items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {gib(v)} |")
+    print(f"| **peak while streaming** (KV cache {gib(sampling['kv_cache'])}) | **{gib(sampling['peak'])}** |\n")
+    print("Not counted: the CUDA context and NCCL buffers (~1 GiB), cuBLAS / cuDNN workspaces, the caching "
+          "allocator's rounding and fragmentation (reserved > allocated): keep ~10 % free.")
+    print(f"peak {train_run['peak'] / GIB:.1f} GiB per GPU")
+
+
+# --------------------------------------------------------------------------------------------- GPU check (issue 12)
+GPU_PRESET = "configs/wan1.3b_stream_r1_teacher1.3b.yaml"  # (b): its whole step on one GPU needs more than 80 GB
+# (bench.py plan --gpus 1, BENCHMARKS.md): an H200 holds it
+GPU_PART_TITLES = {"fps": "(a) streaming FPS, eager and torch.compile, VAE decode in and out",
+                   "step": "(b) one Stream-R1 training step, peak memory next to bench.py plan",
+                   "precision": "(c) bf16 vs fp32 streaming error"}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_setup(cfg: config.Config) -> dict:
+    """The shapes bench.py gpu runs, derived from the preset as the code derives them (REFERENCE §1.2, §7.4):
+    tokens per latent frame, the clip's latents and pixels, and VideoReward's input (2-fps frames, resized, tokens)."""
+    wan = config.SIZES[cfg.model_size]()
+    spatial = 2 ** (len(inspect.signature(vae.WanVAE).parameters["dim_mult"].default) - 1)
+    temporal = 2 ** sum(inspect.signature(vae.WanVAE).parameters["temporal_downsample"].default)
+    h, w = cfg.height // spatial, cfg.width // spatial
+    pixel_frames = 1 + temporal * (cfg.num_frames - 1)
+    rm_frames = len(reward.frame_indices(pixel_frames, sample.FPS))
+    rm_h, rm_w = reward.smart_resize(cfg.height, cfg.width)
+    return dict(tokens_per_frame=(h // wan.patch_size[1]) * (w // wan.patch_size[2]),
+                latent=[cfg.batch_size, cfg.num_frames, wan.in_dim, h, w],
+                pixels=[cfg.batch_size, pixel_frames, 3, cfg.height, cfg.width], reward_frames=rm_frames,
+                reward_size=[rm_h, rm_w], video_tokens=rm_frames // 2 * (rm_h // 14) * (rm_w // 14) // 4)
+
+
+def stream_chunks(student: WanModel, parts: config.Components, ctx: torch.Tensor, cfg: config.Config, n_chunks: int,
                   decode: bool) -> tuple[list[float], int]:
-    """n_chunks of a fresh stream as sample.py makes it: dmd.generate_chunk (student steps + refresh, window 9 /
-    sink 3 / EMA 0.999) then, if decode, the streaming VAE decoder; bf16 autocast on CUDA. Returns per-chunk seconds
+    """n_chunks of a fresh stream as sample.py makes it: dmd.generate_chunk (every step + the cache refresh, cfg's
+    cache geometry) then, if decode, the streaming VAE decoder, under cfg's autocast. Returns per-chunk seconds
     (device synchronised) and the pixel frames made (counted as the decoder would make them when decode is off)."""
-    dev, tf = ctx.device, vae.temporal_factor
-    h, w = height // vae.spatial_factor, width // vae.spatial_factor
-    cache, decoder, steps = net.new_cache(1, **REWARD_FORCING_CACHE), vae.stream_decoder(), dmd.warped_steps()
-    latency, frames = [], 0
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    device, tf = ctx.device, parts.vae.temporal_factor
+    _, c, h, w = parts.latent_shape()
+    cache, decoder = student.new_cache(1, **cfg.cache_options()), parts.vae.stream_decoder()
+    steps, latency, frames = dmd.warped_steps(cfg.steps, cfg.shift), [], 0
+    with torch.no_grad(), config.autocast(cfg, device):
         for i in range(n_chunks):
             start = time.perf_counter()
-            noise = torch.randn(1, net.chunk_frames, net.cfg.in_dim, h, w, device=dev)
-            x0 = dmd.generate_chunk(net, noise, ctx, cache, steps)
-            frames += decoder(x0).shape[1] if decode else tf * net.chunk_frames - (tf - 1 if i == 0 else 0)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            noise = torch.randn(1, cfg.chunk_frames, c, h, w, device=device)
+            x0 = dmd.generate_chunk(student, noise, ctx, cache, steps)
+            frames += decoder(x0).shape[1] if decode else tf * cfg.chunk_frames - (tf - 1 if i == 0 else 0)
+            synchronize(device)
             latency.append(time.perf_counter() - start)
     return latency, frames
 
 
-def bench_cuda(chunks: int = 20, warmup: int = 3, height: int = 480, width: int = 832):
-    """Wan-1.3B-shape streaming on one GPU (random weights: speed does not depend on them): 3-frame chunks, 4 steps +
-    refresh, window 9 / sink 3 / EMA, bf16 autocast; eager vs torch.compile of each DiT block (regional: one
-    compiled code for the 30 identical blocks, one graph per cache fill 0 / 3 / 6 frames, compiled in the warm-up);
-    Wan VAE (default config) streaming decode included and excluded. FPS = pixel frames / wall time."""
-    if not torch.cuda.is_available():
-        print("### cuda: no CUDA device, section skipped")
-        return
-    import vae as wan_vae
-
-    dev = torch.device("cuda")
-    cfg = WanConfig.wan_1_3b()
-    net = WanModel(cfg, causal=True, chunk_frames=3).to(dev).eval().requires_grad_(False)
-    decoder_vae = wan_vae.WanVAE().to(dev).eval().requires_grad_(False)
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev)
-    grid = [n // decoder_vae.spatial_factor // p for n, p in zip((height, width), cfg.patch_size[1:])]
-    print(f"### Wan-1.3B streaming, {width}x{height} ({grid[0]}x{grid[1]} tokens/frame), chunks of 3 latent frames,"
-          f" {len(dmd.STUDENT_STEPS)} steps + refresh, window 9 / sink 3 / EMA 0.999, bf16 autocast, "
-          f"{torch.cuda.get_device_name()}; {chunks} chunks after a {warmup}-chunk warm-up\n")
-    print("| DiT | VAE decode | FPS | first chunk (ms) | chunk median / last (ms) | peak GiB (fp32 weights incl.) |"
-          "\n| --- | --- | --- | --- | --- | --- |")
-    for compiled in (False, True):
+def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: int = 3, compile_: bool = True,
+            parts_fn=None) -> None:
+    """(a) Streaming as sample.py runs it (Components without a reward model, the student stored as sample.py
+    stores it, random weights: speed does not depend on them), eager then torch.compile of each DiT block (regional:
+    one code for the identical blocks, a graph per cache fill, compiled in the warm-up), VAE decode included and
+    excluded. FPS = pixel frames / wall time."""
+    parts = (parts_fn or world_components)(dataclasses.replace(cfg, weighting="none"), device)
+    student = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
+                               frozen=True)
+    ctx = parts.context([PLAN_PROMPT])
+    print("| DiT | VAE decode | FPS | first chunk (ms) | chunk median / last (ms) | peak GiB |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for compiled in (False, True) if compile_ else (False,):
         if compiled:
-            for block in net.blocks:
+            for block in student.blocks:
                 block.compile(dynamic=False)
-        stream_chunks(net, decoder_vae, ctx, height, width, warmup, decode=True)
+        stream_chunks(student, parts, ctx, cfg, warmup, decode=True)
         for decode in (True, False):
-            torch.cuda.reset_peak_memory_stats()
-            latency, frames = stream_chunks(net, decoder_vae, ctx, height, width, chunks, decode)
-            fps = frames / sum(latency)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            latency, frames = stream_chunks(student, parts, ctx, cfg, chunks, decode)
+            peak = f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if device.type == "cuda" else "-"
             print(f"| {'torch.compile' if compiled else 'eager'} | {'included' if decode else 'excluded'} | "
-                  f"**{fps:.1f}** | {ms(latency[0])} | {ms(statistics.median(latency))} / {ms(latency[-1])} | "
-                  f"{torch.cuda.max_memory_allocated() / 2**30:.1f} |")
+                  f"**{frames / sum(latency):.1f}** | {ms(latency[0])} | {ms(statistics.median(latency))} / "
+                  f"{ms(latency[-1])} | {peak} |")
     print("\nFirst chunk with decode included = first-frame latency (the first chunk's frames come out together). "
           "Published, Wan-1.3B 832x480 on one H100, VAE included: " +
           ", ".join(f"{k} {v} FPS" for k, v in PUBLISHED_FPS.items()) + "; aim >= 40 FPS.")
 
 
+class CudaMarks(Marks):
+    """training_step's marks on CUDA: torch.cuda.max_memory_allocated while each phase runs (nested phases
+    included), the step's wall time and peak."""
+
+    def __init__(self):
+        self.phase_peaks, self.open, self.peak, self.resident, self.start = {}, [], 0, 0, 0.0
+
+    def reset_peaks(self) -> None:
+        torch.cuda.synchronize()
+        self.resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+
+    def fold(self) -> None:
+        """The peak since the last fold into the step and every open phase; restart the peak count."""
+        peak = torch.cuda.max_memory_allocated()
+        self.peak = max(self.peak, peak)
+        for name in self.open:
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), peak)
+        torch.cuda.reset_peak_memory_stats()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.fold()
+        self.open.append(name)
+        try:
+            yield
+        finally:
+            self.fold()
+            self.open.pop()
+
+
+def gpu_step(device: torch.device, cfg: config.Config, marks: Marks | None = None, parts_fn=None) -> dict:
+    """(b) training_step (the step bench.py plan plans) on this device, a 1-process group (nccl on CUDA, gloo on the
+    CPU) around it: random weights at the preset's shapes, VideoReward at Qwen2-VL-2B's. Returns the marks' phase
+    peaks, the step's peak and its seconds (on CUDA: torch.cuda.max_memory_allocated)."""
+    marks = marks or (CudaMarks() if device.type == "cuda" else Marks())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1, device_id=device if device.type == "cuda" else None)
+    try:
+        out = training_step(cfg, device, 1, run=marks, parts_fn=parts_fn)
+        synchronize(device)
+        seconds = time.perf_counter() - marks.start if isinstance(marks, CudaMarks) else None
+        if isinstance(marks, CudaMarks):
+            marks.fold()
+    finally:
+        dist.destroy_process_group()
+    return dict(out, seconds=seconds, phases=getattr(marks, "phase_peaks", {}), peak=getattr(marks, "peak", 0),
+                resident=getattr(marks, "resident", 0))
+
+
+def print_step_comparison(measured: dict | None, plan: dict | None, device_name: str) -> None:
+    """(b)'s table: the peak while each phase runs, measured (torch.cuda.max_memory_allocated) and planned."""
+    print(f"### {GPU_PART_TITLES['step']}: {GPU_PRESET}, one GPU ({device_name})\n")
+    if measured is None:
+        print("not measured (the part failed above)\n")
+        return
+    plan_run = next(iter(plan["training"].values())) if plan else None
+    print(f"step time (generator + critic update, EMA): **{measured['seconds']:.1f} s**\n")
+    print("| phase | measured GiB | planned GiB | planned / measured |\n| --- | --- | --- | --- |")
+    rows = [("resident (before the step)", measured["resident"], sum(plan_run["resident"].values()) if plan_run
+             else None)]
+    rows += [(PLAN_ROWS.get(p, p), m, plan_run["phases"].get(p) if plan_run else None)
+             for p, m in measured["phases"].items()]
+    rows.append(("**step peak**", measured["peak"], plan_run["peak"] if plan_run else None))
+    for name, m, p in rows:
+        print(f"| {name} | {gib(m)} | {gib(p) if p else '-'} | {f'{p / m:.2f}' if p else '-'} |")
+    print("" if plan_run else "\n(no plan: see above)")
+
+
+def gpu_precision(device: torch.device, cfg: config.Config, chunks: int = 16) -> None:
+    """(c) One random student (every weight N(0, 0.02): the zero-initialised head would make both streams output
+    nothing) streamed twice from the same noise: fp32 weights without autocast, and as sample.py runs it (stored
+    in bf16 under bf16 autocast, the EMA-sink accumulating in fp32); relative error of each chunk's x0."""
+    torch.manual_seed(0)
+    ref = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames,
+                           cfg=dataclasses.replace(cfg, bf16=False), frozen=True)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    low = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
+                           frozen=True)
+    low.load_state_dict(ref.state_dict())
+    wan = ref.cfg
+    spatial = cfg.height // gpu_setup(cfg)["latent"][3]
+    ctx = torch.randn(1, wan.text_len, wan.text_dim, device=device)
+    noise = torch.randn(chunks, 1, cfg.chunk_frames, wan.in_dim, cfg.height // spatial, cfg.width // spatial,
+                        device=device)
+    steps, errors = dmd.warped_steps(cfg.steps, cfg.shift), []
+    streams = [(ref, dataclasses.replace(cfg, bf16=False)), (low, cfg)]
+    caches = [net.new_cache(1, **cfg.cache_options()) for net, _ in streams]
+    generators = [torch.Generator(device).manual_seed(1) for _ in streams]
+    with torch.no_grad():
+        for i in range(chunks):
+            x0 = []
+            for (net, run_cfg), cache, gen in zip(streams, caches, generators):
+                with config.autocast(run_cfg, device):
+                    x0.append(dmd.generate_chunk(net, noise[i], ctx, cache, steps, generator=gen).float())
+            errors.append(((x0[1] - x0[0]).norm() / x0[0].norm()).item())
+    print(f"{chunks} chunks of {cfg.chunk_frames} latent frames ({chunks * cfg.chunk_frames * 4 / sample.FPS:.0f} s "
+          f"of video), {cfg.model_size} student, cache {cfg.cache_options()}\n")
+    print("| chunk | " + " | ".join(str(i) for i in range(chunks)) + " |\n" + "| --- " * (chunks + 1) + "|")
+    print("| rel. error of x0, bf16 vs fp32 | " + " | ".join(f"{e:.1e}" for e in errors) + " |\n")
+    print(f"median {statistics.median(errors):.1e}, max {max(errors):.1e}, last {errors[-1]:.1e}")
+
+
+def start_plan(path: Path) -> subprocess.Popen:
+    """`bench.py plan` of GPU_PRESET on one GPU (the config's checkpointing only), on the CPU in a child process
+    (GPUs hidden before it starts) while the GPU parts run; its numbers go to `path`."""
+    return subprocess.Popen([sys.executable, str(ROOT / "bench.py"), "plan", f"--config={GPU_PRESET}", "--gpus=1",
+                             "--both=false", f"--json_out={path}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+
+
+def bench_gpu(parts: str = ",".join(GPU_PART_TITLES), chunks: int = 20, warmup: int = 3, precision_chunks: int = 16,
+              plan_wait: float = 120.0):
+    """The one-shot GPU check (issue 12 item 3), meant to take at most 8 minutes on one H100 / H200 (not yet timed on
+    one), Markdown tables:
+    (a) fps: Wan-1.3B-shape streaming FPS at the preset's 832x480, eager and torch.compile, VAE decode included and
+        excluded (gpu_fps);
+    (b) step: one Stream-R1 training step of GPU_PRESET at its real shape with random weights (VideoReward at
+        Qwen2-VL-2B's shape; no file is read): its time and the peak memory of each phase
+        (torch.cuda.max_memory_allocated), next to bench.py plan's prediction for one GPU, computed on the CPU in a
+        child process meanwhile (waited for at most plan_wait seconds after the parts);
+    (c) precision: bf16 vs fp32 streaming, relative error per chunk (gpu_precision).
+    `parts`: which, comma-separated. A part that fails prints its error and the next one runs; without CUDA every
+    part prints a skip and nothing touches CUDA."""
+    names = [p for p in parts.split(",") if p]
+    unknown = [p for p in names if p not in GPU_PART_TITLES]
+    if unknown:
+        raise SystemExit(f"unknown parts {unknown}; known: {', '.join(GPU_PART_TITLES)}")
+    cfg = plan_config(str(ROOT / GPU_PRESET))
+    setup = gpu_setup(cfg)
+    print(f"### bench.py gpu: {GPU_PRESET}; {cfg.width}x{cfg.height}, {setup['tokens_per_frame']} tokens per latent "
+          f"frame, latents {setup['latent']}, pixels {setup['pixels']}; VideoReward on {setup['reward_frames']} "
+          f"frames of {setup['reward_size'][0]}x{setup['reward_size'][1]} ({setup['video_tokens']} video tokens)\n")
+    if not torch.cuda.is_available():
+        for name in names:
+            print(f"{GPU_PART_TITLES[name]}: skipped, no CUDA device")
+        return
+    device, tmp = torch.device("cuda"), Path(tempfile.mkdtemp())
+    plan = start_plan(tmp / "plan.json") if "step" in names else None
+    measured = None
+    for name in names:
+        start = time.perf_counter()
+        if name != "step":
+            print(f"### {GPU_PART_TITLES[name]} ({torch.cuda.get_device_name()})\n")
+        try:
+            if name == "fps":
+                gpu_fps(device, cfg, chunks, warmup)
+            elif name == "step":
+                measured = gpu_step(device, cfg)
+                print(f"(b) measured in {time.perf_counter() - start:.0f} s; its table comes last, with the plan\n")
+            else:
+                gpu_precision(device, cfg, precision_chunks)
+        except Exception as err:  # the next part still runs: one crash must not cost the other tables
+            print(f"**{GPU_PART_TITLES[name]} FAILED**: {type(err).__name__}: {err}\n```\n"
+                  f"{traceback.format_exc()[-3000:]}```")
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(f"\n({name}: {time.perf_counter() - start:.0f} s)\n")
+    if plan is not None:
+        try:
+            _, err = plan.communicate(timeout=plan_wait)
+            planned_numbers = json.loads((tmp / "plan.json").read_text()) if plan.returncode == 0 else None
+            if planned_numbers is None:
+                print(f"bench.py plan failed:\n```\n{err[-3000:]}```")
+        except subprocess.TimeoutExpired:
+            plan.kill()
+            planned_numbers = None
+            print(f"bench.py plan did not finish within {plan_wait:.0f} s")
+        print_step_comparison(measured, planned_numbers, torch.cuda.get_device_name())
+
+
 # --------------------------------------------------------------------------------------------- command line
 SECTIONS = {"diffusers": bench_diffusers, "chunks": bench_chunks, "memory": bench_memory,
             "train_step": bench_train_step, "sample_fps": bench_sample_fps, "ablation": bench_ablation,
-            "blur": bench_blur, "drift": bench_drift, "cuda": bench_cuda}
+            "blur": bench_blur, "drift": bench_drift, "plan": bench_plan, "gpu": bench_gpu}
 
 
 def main() -> None:
@@ -662,6 +1408,8 @@ def main() -> None:
                              type=(lambda s: s.lower() in ("1", "true")) if kind is bool else kind)
     opts = vars(parser.parse_args())
     section, write = opts.pop("section"), opts.pop("write")
+    if section == "plan":  # a CPU computation on fake tensors: hidden GPUs keep FSDP2's default mesh on the CPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(opts.pop("threads"))  # shared cores: 2 threads stall each other (5-20x noise)
     os.chdir(ROOT)  # train.py's default paths (assets/, out/) are relative to the repository
     header = (f"\n## `python bench.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
