@@ -346,7 +346,8 @@ class WanModel(nn.Module):
                 h, kv = checkpoint(block, *args, use_reentrant=False)
             else:
                 h, kv = block(*args)
-            new_kv.append(kv)
+            if write_cache:  # else dropped at once: a no-graph forward would hold every layer's K/V to its end
+                new_kv.append(kv)
         if write_cache:
             cache.write(new_kv, gh * gw)
         out = self.head(h, e)

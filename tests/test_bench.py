@@ -265,6 +265,22 @@ def test_fake_run_counts_what_torch_mem_tracker_counts():
     assert run.peak == theirs, f"FakeRun peak {run.peak:,d} bytes, MemTracker {theirs:,d}"
 
 
+def test_a_no_graph_forward_peaks_alike_at_every_depth():
+    """Planned, a no-graph forward (the teacher's and critic's in dmd_gradient, every denoising step) peaks at the
+    same bytes above its parameters and inputs with 2 and 8 blocks: nothing a block makes outlives the blocks after
+    it (a forward that kept each block's K/V held 50 GiB per GPU of the 14B teacher's)."""
+    above = {}
+    for layers in (2, 8):
+        with bench.fake_world(None) as run, torch.no_grad():
+            net = bench.WanModel(WanConfig(**dict(TINY_DIT, num_layers=layers)))
+            x, t, ctx = torch.randn(1, 6, 16, 16, 16), torch.full((1,), 500.0), torch.randn(1, 8, TINY_DIT["text_dim"])
+            run.reset_peaks()
+            net(x, t, ctx)
+        above[layers] = run.peak - sum(run.resident.values())
+    assert abs(above[8] / above[2] - 1) < 0.01, f"peak above parameters and inputs: {above[2]:,d} bytes with 2 " \
+                                                f"blocks, {above[8]:,d} with 8"
+
+
 def test_cache_bytes_counts_every_tensor_the_kv_cache_holds():
     """bench.cache_bytes (the plan's KV-cache figures) against every tensor a KVCache's attributes hold, after a bf16
     stream long enough for the EMA-sink to fuse, so the fp32 accumulator behind the bf16 V sink (sink32) exists; the
