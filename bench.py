@@ -324,9 +324,9 @@ def bench_train_step(reps: int = 5):
                                                                               cfg.guidance))
         with torch.no_grad():
             pixels = clock("VAE decode (part of reward_weight)", lambda: parts.vae.decode(x0.detach().float()))
-        clock("reward forward, score only", lambda: parts.reward.score_and_saliency(pixels, prompts, axes=train.AXES))
+        clock("reward forward, score only", lambda: parts.reward.score_and_saliency(pixels, prompts))
         clock("reward forward + saliency backwards (part of reward_weight)", lambda: parts.reward.score_and_saliency(
-            pixels, prompts, latent_shape=(lat[0], *lat[2:]), axes=train.AXES))
+            pixels, prompts, latent_shape=(lat[0], *lat[2:])))
         weight, _ = clock("reward_weight (decode, reward, saliency, weights)",
                           lambda: train.reward_weight(cfg, x0, prompts, parts, balancer))
         clock("generator backward (weighted dmd_loss)", lambda: dmd.dmd_loss(x0, g, weight).backward())
@@ -417,7 +417,7 @@ def final_eval(out: Path, steps: int) -> dict | None:
     gen = [line for line in lines if "gen_loss" in line and line["step"] <= steps]
     tail = gen[len(gen) - max(1, round(0.2 * len(gen))):]
     logged = {a: statistics.fmean(line[f"reward_{a}"] for line in tail) if tail and f"reward_{a}" in tail[0] else None
-              for a in train.AXES}
+              for a in reward.AXES}
     return dict(evals[-1], **{f"train_{a}": v for a, v in logged.items()})
 
 
@@ -436,7 +436,7 @@ def held_out_reward(args: list[str], out: Path, logged: dict) -> dict:
     again = toy.evaluate_videos(videos, prompts)
     if any(again[k] != logged[k] for k in again):
         raise SystemExit(f"{out}: regenerated held-out videos give {again}, toy.evaluate logged {logged}")
-    res = toy.ToyReward().score_and_saliency(videos, prompts, axes=train.AXES)
+    res = toy.ToyReward().score_and_saliency(videos, prompts)
     return {f"eval_{a}": res.z[:, i].mean().item() for i, a in enumerate(res.axes)}
 
 
@@ -482,8 +482,8 @@ def bench_ablation(steps: int = config.Config.max_steps, seeds: int = 2, jobs: i
     with ThreadPoolExecutor(jobs) as pool:
         if any(list(pool.map(launch, todo))):
             raise SystemExit("some runs failed (see above); rerun the same command to resume them")
-    cols = ["color_accuracy", "direction_accuracy", "teacher_distance", *(f"eval_{a}" for a in train.AXES),
-            *(f"train_{a}" for a in train.AXES)]
+    cols = ["color_accuracy", "direction_accuracy", "teacher_distance", *(f"eval_{a}" for a in reward.AXES),
+            *(f"train_{a}" for a in reward.AXES)]
     gen_updates = math.ceil(steps / config.Config.gen_every)
     print(f"### toy ablation: {steps} optimizer steps per run (generator updates: {gen_updates}), seeds "
           f"0-{seeds - 1}, mean ± sample std over seeds; {which}\n")
@@ -530,7 +530,7 @@ def bench_blur(passes: int = 2, seed: int = 0, upscale: int = 6, png: str = "ass
           "saliency share in lower half VQ / MQ / TA |\n| --- | --- | --- | --- | --- | --- |")
     half = latent[1] // 2
     for name, videos in (("sharp (control)", clean), ("lower half blurred", blurred)):
-        res = reward.score_and_saliency(videos, prompts, latent_shape=latent, axes=train.AXES)
+        res = reward.score_and_saliency(videos, prompts, latent_shape=latent)
         weight = weighting.intra_perplexity_weights(weighting.fuse_saliency(res.saliency, res.z, cfg.temperature),
                                                     spatial_floor=cfg.spatial_floor, temporal_floor=cfg.temporal_floor)
         lower, upper = weight[..., half:, :].mean().item(), weight[..., :half, :].mean().item()
