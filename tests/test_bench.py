@@ -16,13 +16,12 @@ import functools
 import gc
 import json
 import re
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import bench
 import config
@@ -59,21 +58,17 @@ def tiny_config(**changes) -> config.Config:
 
 
 class ProfiledMarks(bench.Marks):
-    """Wall-clock spans of the step and its phases, to read the profiler's allocation events against."""
-
-    def __init__(self):
-        self.start, self.spans = None, []
+    """The step's start and its phases as profiler ranges: their times come from the profiler's own clock, the one
+    its allocation events carry (a wall clock read next to them can land on the wrong side of an allocation)."""
 
     def reset_peaks(self):
-        self.start = time.time_ns()
+        with record_function("start"):
+            pass
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        begin = time.time_ns()
-        try:
+        with record_function(f"phase {name}"):
             yield
-        finally:
-            self.spans.append((name, begin, time.time_ns()))
 
 
 def measure(program, cfg, gpus: int, **kwargs) -> dict:
@@ -82,20 +77,22 @@ def measure(program, cfg, gpus: int, **kwargs) -> dict:
     phase ran (nested phases included), as bench.planned reports them."""
     gc.collect()
     torch.manual_seed(0)
-    marks = ProfiledMarks()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        program(cfg, torch.device("cpu"), run=marks, **kwargs)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+        program(cfg, torch.device("cpu"), run=ProfiledMarks(), **kwargs)
+    recorded = prof.profiler.kineto_results.events()
+    start = max(e.start_ns() for e in recorded if e.name() == "start")
+    spans = [(e.name().removeprefix("phase "), e.start_ns(), e.end_ns()) for e in recorded
+             if e.name().startswith("phase ")]
+    events = sorted((e for e in recorded if e.name() == "[memory]"), key=lambda e: e.start_ns())
     live = resident = peak = 0
     phases = {}
     for e in events:
         live += e.nbytes()
-        if e.start_ns() < marks.start:
+        if e.start_ns() < start:
             resident = live
             continue
         peak = max(peak, live)
-        for name, begin, end in marks.spans:
+        for name, begin, end in spans:
             if begin <= e.start_ns() < end:
                 phases[name] = max(phases.get(name, 0), live)
     return dict(resident=resident, peak=peak, phases=phases)

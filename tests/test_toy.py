@@ -253,7 +253,8 @@ def test_eval_scores_renders_perfectly_and_noise_near_chance(clean):
     assert toy.evaluate_videos(videos, prompts) == perfect
     assert toy.evaluate_videos(toy.toy_batch(32, 3 * T, gen(7), prompts)[0], prompts) == perfect, "long clips"
     faded = torch.stack([toy.toy_batch(32, T, gen(s), prompts)[0] for s in (11, 12, 13)]).mean(0)
-    assert toy.evaluate_videos(faded, prompts) == perfect, "three faint copies (a mean-regressed sample)"
+    acc = toy.evaluate_videos(faded, prompts)  # three faint copies on the line of motion (a mean-regressed sample):
+    assert acc["color_accuracy"] == 1 and acc["direction_accuracy"] >= 0.9, acc  # copies half a torus apart: no mean
     vae = toy.ToyVAE()
     for name, noise in [("pixel", torch.randn(128, T, 3, toy.TOY_SIZE, toy.TOY_SIZE, generator=gen(8)).clamp(-1, 1)),
                         ("latent", vae.decode(torch.randn(128, T, vae.z_dim, 8, 8, generator=gen(8))))]:

@@ -138,8 +138,7 @@ def test_stream_r1_component_flags_pick_the_documented_weight(spatial, temporal)
                            cfg.width // parts.vae.spatial_factor)
     prompts = toy.toy_prompts()[:2]
     weight, stats = train.reward_weight(cfg, x0, prompts, parts, balancer=None)
-    res = parts.reward.score_and_saliency(parts.vae.decode(x0), prompts, latent_shape=(x0.shape[1], *x0.shape[3:]),
-                                          axes=train.AXES)
+    res = parts.reward.score_and_saliency(parts.vae.decode(x0), prompts, latent_shape=(x0.shape[1], *x0.shape[3:]))
     inter = torch.exp(cfg.beta * res.z.mean(1))
     if not (spatial or temporal):
         assert weight.shape == (2,) and torch.allclose(weight, inter), "no component: exp(beta r) per rollout"
@@ -177,7 +176,7 @@ def test_re_dmd_weights_the_generator_loss_by_exp_beta_z_mq(tmp_path, monkeypatc
     draws = spy_draws(monkeypatch)
     train.main([f"--out_dir={tmp_path}", "--max_steps=1", "--weighting=re_dmd", "--beta=1.5", *FAST])
     (x0, weight), = seen
-    res = toy.ToyReward().score_and_saliency(toy.ToyVAE().decode(x0), draws[0][0], axes=train.AXES)
+    res = toy.ToyReward().score_and_saliency(toy.ToyVAE().decode(x0), draws[0][0])
     want = torch.exp(1.5 * res.z[:, res.axes.index("MQ")])
     assert weight.shape == (2,) and torch.allclose(weight, want, rtol=1e-5), f"weight {weight} != exp(beta z_MQ) {want}"
 
