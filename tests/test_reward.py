@@ -15,17 +15,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 import reward
+from bench import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS  # the Qwen2-VL stand-in bench.py plans with
 from reward import VideoReward, qwen_patchify, qwen_unpatchify
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|video_pad|>"]
-CHAT_TEMPLATE = (  # Qwen2-VL's template reduced to what VideoAlign renders: system turn, [video, text] user turn
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% for content in message['content'] %}{% if content['type'] == 'video' %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPTS = ["a red cat jumps over a blue fence", "a green dog sleeps under a yellow tree"]
 H, W, FPS = 56, 84, 16.0  # 9 frames at 16 fps -> 4 frames at 2 fps -> grid (2, 4, 6) -> 12 video tokens
 PIX = dict(min_pixels=H * W, max_pixels=H * W)
@@ -36,14 +28,14 @@ def make_tokenizer(with_reward_tokens: bool = True) -> PreTrainedTokenizerFast:
     VideoAlign template costs ~80 tokens."""
     corpus = "system\nYou are a helpful assistant.\nuser\nassistant\n" + "".join(map(reward.build_prompt, PROMPTS))
     pieces = {p for p in re.split(r"(<\|\w+\|>|\n)", corpus) if p and not re.fullmatch(r"<\|\w+\|>", p)}
-    vocab = {w: i for i, w in enumerate(SPECIALS + ["[UNK]"] + sorted(pieces))}
+    vocab = {w: i for i, w in enumerate([*QWEN_SPECIALS, "[UNK]", *sorted(pieces)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>")
-    tok.add_tokens(SPECIALS, special_tokens=True)
+    tok.add_tokens(list(QWEN_SPECIALS), special_tokens=True)
     if with_reward_tokens:
         tok.add_tokens(list(reward.REWARD_TOKENS.values()), special_tokens=True)
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
 
 
