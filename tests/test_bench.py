@@ -15,7 +15,10 @@ import dataclasses
 import functools
 import gc
 import json
+import pathlib
 import re
+import tempfile
+import threading
 
 import pytest
 import torch
@@ -74,26 +77,44 @@ class ProfiledMarks(bench.Marks):
 def measure(program, cfg, gpus: int, **kwargs) -> dict:
     """program(cfg, cpu, run=marks, **kwargs) with real tensors in the current process group, counted by torch's
     profiler (c10 CPU allocator events): bytes alive when the step starts, the peak after, and the peak while each
-    phase ran (nested phases included), as bench.planned reports them."""
+    phase ran (nested phases included), as bench.planned reports them.
+
+    Counted: what this thread allocates outside collectives. Gloo's own buffers are not: its reduce-scatter copies
+    its input, and a worker thread may hold that copy until the next collective arrives (a race; NCCL copies
+    nothing and keeps its buffers outside the caching allocator, so no GPU plan has them). Address and size pair
+    each such buffer with its free: a worker thread's free can carry a time stamp just after the allocation that
+    reuses its address."""
     gc.collect()
     torch.manual_seed(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         program(cfg, torch.device("cpu"), run=ProfiledMarks(), **kwargs)
-    recorded = prof.profiler.kineto_results.events()
-    start = max(e.start_ns() for e in recorded if e.name() == "start")
-    spans = [(e.name().removeprefix("phase "), e.start_ns(), e.end_ns()) for e in recorded
-             if e.name().startswith("phase ")]
-    events = sorted((e for e in recorded if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        trace = json.loads(pathlib.Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    thread = threading.get_native_id()
+    ranges = [e for e in trace if e.get("ph") == "X" and e["tid"] == thread]
+    start = max(e["ts"] for e in ranges if e["name"] == "start")
+    spans = [(e["name"].removeprefix("phase "), e["ts"], e["ts"] + e["dur"]) for e in ranges
+             if e["name"].startswith("phase ")]
+    collectives = [(e["ts"], e["ts"] + e["dur"]) for e in ranges if e["name"].startswith("c10d::")]
+    events = sorted((e for e in trace if e.get("name") == "[memory]"), key=lambda e: e["ts"])
     live = resident = peak = 0
-    phases = {}
+    phases, gloo = {}, set()
     for e in events:
-        live += e.nbytes()
-        if e.start_ns() < start:
+        address, nbytes, t = e["args"]["Addr"], e["args"]["Bytes"], e["ts"]
+        if nbytes > 0 and (e["tid"] != thread or any(b <= t <= end for b, end in collectives)):
+            gloo.add((address, nbytes))
+            continue
+        if nbytes < 0 and (address, -nbytes) in gloo:
+            gloo.discard((address, -nbytes))
+            continue
+        live += nbytes
+        if t < start:
             resident = live
             continue
         peak = max(peak, live)
         for name, begin, end in spans:
-            if begin <= e.start_ns() < end:
+            if begin <= t < end:
                 phases[name] = max(phases.get(name, 0), live)
     return dict(resident=resident, peak=peak, phases=phases)
 
