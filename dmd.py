@@ -126,13 +126,17 @@ def _full_t(x: Tensor, t: float) -> Tensor:
     return torch.full(x.shape[:2], float(t), dtype=torch.float32, device=x.device)
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def _randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """N(0, 1) noise like x [B, ...]; a list of B generators draws each sample's noise from its own, so a sample's
+    noise does not depend on the batch it is in (sample.py's seeds)."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def generate_chunk(student: WanModel, noise: Tensor, context: Tensor, cache: KVCache, steps: list[float],
                    exit_step: int | None = None, refresh_t: float = 0.0,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
     """Few-step generation of one chunk, then the cache refresh (§1.4, §3.4); used by training and sampling alike.
 
     x = noise; for i = 0..exit_step: x0 = x - sigma_i * student(x, t_i) reading the cache;
@@ -142,7 +146,7 @@ def generate_chunk(student: WanModel, noise: Tensor, context: Tensor, cache: KVC
     K/V into the cache: the clean x0 at refresh_t = 0 (inference and our training default, §10.15), else
     add_noise(x0, eps'', refresh_t) (PUBLISHED_TRAIN_REFRESH_T reproduces the published trainers).
     noise: [B, k, C, H, W] (k = student.chunk_frames); steps: times, e.g. warped_steps(); exit_step: index into steps
-    (None: the last). Returns x0 [B, k, C, H, W].
+    (None: the last); generator: one, or one per sample (_randn_like). Returns x0 [B, k, C, H, W].
     """
     exit_step = len(steps) - 1 if exit_step is None else exit_step
     if not 0 <= exit_step < len(steps):

@@ -503,6 +503,18 @@ class KVCache:
                                         for name, z in (("k", self.k[i]), ("v", self.v[i])))
         self.frames_written += nf
 
+    def rewind(self, frames: int) -> None:
+        """Drop the cached frames after the sink and set frames_written = `frames`, so that the frames from `frames` on
+        are written again by write() (sample.py's re-cache at a prompt switch). `frames` is at most the oldest dropped
+        frame (nothing dropped stays unwritten) and at least sink_len."""
+        sink, oldest = self.sink_len, self.frames_written - (self.past_frames - self.sink_len)
+        if not sink <= frames <= oldest:
+            raise ValueError(f"rewind to a frame in [sink_len={sink}, oldest cached non-sink frame={oldest}], "
+                             f"got {frames}")
+        for i in range(len(self.k)):
+            self.k[i], self.v[i] = (z[:, :sink] if sink else None for z in (self.k[i], self.v[i]))
+        self.frames_written = frames
+
     def evict(self, z: torch.Tensor, key: tuple[str, int], sink_len: int, n_evict: int) -> torch.Tensor:
         """Drop the oldest n_evict non-sink frames of z [B, frames, ...]; EMA: sink = a*sink + (1-a)*evicted in fp32:
         a bf16 sink would freeze (§10.26), so below fp32 the sink accumulates in sink32[key] and z holds it rounded."""

@@ -611,7 +611,7 @@ def test_sample_parses_the_readme_command_and_refuses_bad_flags(tmp_path, monkey
     argv[argv.index("--config") + 1] = str(ROOT / argv[argv.index("--config") + 1])
     cfg, own = sample.parse(argv)
     assert (cfg.world, cfg.model_size, own["ckpt"], own["prompt"], own["seconds"]) == (
-        "wan", "1.3b", "checkpoints/rewardforcing.pt", "...", 60.0)
+        "wan", "1.3b", "checkpoints/rewardforcing.pt", ["..."], 60.0)
     for bad, message in [(["--prompt="], "--prompt is empty"),
                          (["--seconds=0"], "--seconds=0.0: expected a number > 0"),
                          (["--seconds", "-5"], "--seconds=-5.0: expected a number > 0"),
