@@ -69,14 +69,38 @@ def reward_weight(cfg: Config, x0: torch.Tensor, prompts: list[str], parts: Comp
         weight = weighting.inter_reliability_weight(r, beta=cfg.beta, normalize=cfg.normalize_weights)
         stats["r_final"] = r.mean().item()
         if saliency:
-            fused = weighting.fuse_saliency(res.saliency, res.z, temperature=cfg.temperature)
-            intra = weighting.intra_perplexity_weights(
-                fused, spatial_floor=cfg.spatial_floor, temporal_floor=cfg.temporal_floor,
-                spatial_strength=float(cfg.spatial), factorised=cfg.temporal)
+            intra = intra_weight(cfg, res)
             stats["intra_max"] = intra.max().item()
             weight = weight.view(-1, 1, 1, 1, 1) * intra
     stats["weight_mean"] = weight.mean().item()
     return weight.to(x0.device), stats
+
+
+def intra_weight(cfg: Config, res) -> torch.Tensor:
+    """Stream-R1's intra-perplexity weight W [B, F, 1, h, w] of a scored rollout (res: the reward model's result with
+    saliency [B, A, F, h, w] and z [B, A]): saliency fused across axes by z, then factored (weighting.py)."""
+    fused = weighting.fuse_saliency(res.saliency, res.z, temperature=cfg.temperature)
+    return weighting.intra_perplexity_weights(fused, spatial_floor=cfg.spatial_floor, temporal_floor=cfg.temporal_floor,
+                                              spatial_strength=float(cfg.spatial), factorised=cfg.temporal)
+
+
+def render_weights(cfg: Config, net: WanModel, parts: Components, path: Path, rank: int) -> None:
+    """Where Stream-R1 concentrates the loss: one no-grad rollout of the generator on the world's first prompt (seed
+    cfg.seed; the training RNG untouched), scored with saliency, rendered by weighting.render_weight_map to `path`
+    (rank 0): the frames, the intra weight W and the saliency of each reward axis. Every rank calls it (a sharded
+    forward is a collective)."""
+    prompts = parts.prompts[:1]
+    with torch.random.fork_rng(devices=[parts.device] if parts.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        noise = torch.randn(1, *parts.latent_shape(), device=parts.device)
+        with torch.no_grad():
+            x0 = dmd.self_forcing_rollout(net, noise, parts.context(prompts), dmd.warped_steps(cfg.steps, cfg.shift),
+                                          None, cfg.cache_options(), refresh_t=cfg.refresh_t)
+            pixels = parts.vae.decode(x0.float())
+    res = parts.reward.score_and_saliency(pixels, prompts, latent_shape=(x0.shape[1], *x0.shape[3:]))
+    if rank == 0:
+        weighting.render_weight_map(pixels[0], intra_weight(cfg, res)[0],
+                                    {a: res.saliency[0, i] for i, a in enumerate(res.axes)}, path)
 
 
 def generator_loss(cfg: Config, student, teacher, critic, parts: Components, prompts, noise, exit_step, t, eps,
@@ -294,13 +318,16 @@ def main(argv: list[str]) -> None:
                                        {"has_ema": ema is not None, "config": dataclasses.asdict(cfg)}, balancer, rank)
             if world_size > 1:
                 dist.barrier()
-        if cfg.world == "toy" and cfg.stage != "teacher" and cfg.evaluate and (
-                step == cfg.max_steps or cfg.sample_every and step % cfg.sample_every == 0):
+        sampling = step == cfg.max_steps or cfg.sample_every and step % cfg.sample_every == 0
+        if cfg.world == "toy" and cfg.stage != "teacher" and cfg.evaluate and sampling:
             with autocast(cfg, device):  # every rank: FSDP2 forwards are collectives
                 ev = toy.evaluate(ema or net, teacher, parts, cfg, out, step)
             if log:
                 log.write(json.dumps({"step": step, "eval": ev}) + "\n")
                 print(f"step {step} held-out eval: {ev}")
+        if cfg.stage == "dmd" and cfg.weighting == "stream_r1" and (cfg.spatial or cfg.temporal) and sampling:
+            with autocast(cfg, device):
+                render_weights(cfg, net, parts, out / f"weights_{step:06d}.png", rank)
     bar.close()
     if log:
         log.close()

@@ -1,6 +1,6 @@
 """sample.py as researchers use it, on the toy world with the shipped student (assets/): prompt switching with the
 re-cache, continuing a given clip or image, batch generation for evaluation (VBench names, seeds, resume, ranks,
-reward scores), and bad flags failing before any network is built."""
+reward scores), the Stream-R1 weight maps train.py renders, and bad flags failing before any network is built."""
 import dataclasses
 import json
 import re
@@ -13,11 +13,14 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import config
 import dmd
 import sample
 import toy
+import train
+import weighting
 
 CPU = torch.device("cpu")
 RED, BLUE = "a red circle moving left", "a blue square moving up"
@@ -312,3 +315,27 @@ def test_bad_flags_fail_before_any_network(args, message, tmp_path, monkeypatch)
         monkeypatch.setattr(sample, name, lambda *a, **k: pytest.fail("a network was built before the error"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         sample.main([a.format(**files) for a in args] + [f"--out_dir={tmp_path}"])
+
+
+# --------------------------------------------------------------------------------------------- weight maps
+def test_stream_r1_run_renders_its_weight_map_at_sample_every_and_training_is_unchanged(tmp_path, monkeypatch):
+    """--sample_every=1 renders weights_{step}.png after each step (the weight passed is the intra weight of the
+    rendered rollout's own saliency), and the run ends with the same weights as one that renders only at the end."""
+    rendered = []
+    original = weighting.render_weight_map
+    monkeypatch.setattr(weighting, "render_weight_map", lambda *a, **k: rendered.append(a) or original(*a, **k))
+    fast = ["--max_steps=2", "--batch_size=2", "--ema_start=1", "--gen_every=2", "--evaluate=false"]
+    train.main([f"--out_dir={tmp_path / 'a'}", "--sample_every=1", *fast])
+    train.main([f"--out_dir={tmp_path / 'b'}", *fast])
+    assert [p.name for p in sorted((tmp_path / "a").glob("weights_*.png"))] == ["weights_000001.png",
+                                                                              "weights_000002.png"]
+    assert [p.name for p in (tmp_path / "b").glob("weights_*.png")] == ["weights_000002.png"]
+    a, b = (load_file(str(tmp_path / run / "step_000002.safetensors")) for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a), "rendering the weight maps changed the training run"
+    frames, weight, saliency, path = rendered[0]
+    cfg = config.load_config([])
+    res = toy.ToyReward().score_and_saliency(frames[None], toy.toy_prompts()[:1], latent_shape=weight[:, 0].shape)
+    assert list(saliency) == list(toy.REWARD_AXES) and torch.allclose(torch.stack(list(saliency.values())),
+                                                                       res.saliency[0], atol=1e-6)
+    assert torch.allclose(weight, train.intra_weight(cfg, res)[0], atol=1e-6)
+    assert iio.imread(path).shape[:2] == ((2 + len(saliency)) * frames.shape[-2], min(8, len(weight)) * frames.shape[-1])
