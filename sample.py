@@ -45,10 +45,11 @@ from config import (FIELDS, Components, Config, autocast, build_net, load_config
 from model import KVCache, WanModel
 
 FPS = 16  # Wan's sample_fps (REFERENCE §1.2); one toy latent is one frame, so the toy plays at the same rate
+# sample.py's own flags, (type, default); the others are train.py's Config. --prompt may repeat; --prompt_file (a
+# Config field) given on the command line means batch generation.
 OWN = {"ckpt": (str, ""), "prompt": (str, None), "seconds": (float, 10.0), "frames": (int, None), "out": (str, ""),
        "upscale": (int, 8), "switch_at": (tuple, ()), "init": (str, ""), "samples_per_prompt": (int, 1),
-       "video_dir": (str, ""), "score": (bool, False)}  # sample.py's own flags: (type, default); the others are
-# train.py's Config. --prompt may repeat; --prompt_file (the Config's) given here means batch generation.
+       "video_dir": (str, ""), "score": (bool, False)}
 BATCH_ONLY = ("samples_per_prompt", "video_dir", "score")
 ONE_VIDEO_ONLY = ("switch_at", "init", "out")
 INIT_SUFFIXES = (".png", ".jpg", ".jpeg", ".mp4")
@@ -179,18 +180,18 @@ def schedule(cfg: Config, own: dict, tf: int, n_init: int) -> tuple[int, list[in
     k, wanted, first = cfg.chunk_frames, own["frames"] or int(own["seconds"] * FPS), frames_before(n_init, tf)
     chunks = next(c for c in itertools.count(1) if frames_before(n_init + c * k, tf) - first >= wanted)
     starts = [frames_before(n_init + c * k, tf) for c in range(chunks)]
-    switches = [bisect.bisect_left(starts, math.ceil(round(t * FPS, 6))) for t in own["switch_at"]]
-    for t, c in zip(own["switch_at"], switches):
+    times = own["switch_at"]
+    switches = [bisect.bisect_left(starts, math.ceil(round(t * FPS, 6))) for t in times]
+    for i, (t, c) in enumerate(zip(times, switches)):
         if c == 0:
             raise SystemExit(f"--switch_at {t:g}: at or before the first generated frame ({first / FPS:g} s, after "
                              f"--init's frames); expected a later time")
         if c == chunks:
             raise SystemExit(f"--switch_at {t:g}: after the last chunk starts ({starts[-1] / FPS:g} s); the video "
                              f"ends at {frames_before(n_init + chunks * k, tf) / FPS:g} s")
-    for (t0, c0), (t1, c1) in zip(zip(own["switch_at"], switches), zip(own["switch_at"][1:], switches[1:])):
-        if c0 == c1:
-            raise SystemExit(f"--switch_at {t0:g} and {t1:g} land on the same chunk (at {starts[c0] / FPS:g} s; "
-                             f"chunks start every {k * tf / FPS:g} s)")
+        if i and c == switches[i - 1]:
+            raise SystemExit(f"--switch_at {times[i - 1]:g} and {t:g} land on the same chunk (at {starts[c] / FPS:g} "
+                             f"s; chunks start every {k * tf / FPS:g} s)")
     return chunks, switches
 
 

@@ -262,6 +262,18 @@ def test_ranks_share_the_prompts_and_invalid_names_are_made_valid(world, tmp_pat
     assert {p.name for p in tmp_path.glob("*.mp4")} == {sample.video_name(p, 0) for p in prompts}
 
 
+def test_videoreward_scores_of_the_kept_frames_equal_those_of_the_whole_video():
+    """sample_batch keeps only the frames VideoReward reads (bounded memory at any length): handed over at the
+    reward model's own fps they score as the whole video at FPS does (a tiny random VideoReward, tests/test_reward)."""
+    import test_reward
+    rm = test_reward.make_reward()
+    video = torch.rand(2, 41, 3, test_reward.H, test_reward.W, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    picked, fps = sample.reward_frames(rm, video.shape[1])
+    whole = rm.score_and_saliency(video, test_reward.PROMPTS, fps=sample.FPS)
+    kept = rm.score_and_saliency(video[:, picked], test_reward.PROMPTS, fps=fps)
+    assert len(picked) < video.shape[1] and torch.equal(kept.raw, whole.raw), f"{kept.raw} vs {whole.raw}"
+
+
 def test_video_names_are_vbench_names_or_valid_and_distinct():
     assert sample.video_name("a cat playing piano", 3) == "a cat playing piano-3.mp4"
     names = [sample.video_name(p, 0) for p in ("AC/DC on stage", "AC_DC on stage", "x" * 300, "é" * 200)]
