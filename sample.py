@@ -378,7 +378,7 @@ def sample_batch(cfg: Config, own: dict, parts: Components, student: WanModel, c
     total = frames_before(chunks * cfg.chunk_frames, parts.vae.temporal_factor)
     picked, rm_fps = reward_frames(parts.reward, total) if own["score"] else (None, None)
     up = own["upscale"] if cfg.world == "toy" else 1
-    bar = tqdm(total=len(todo), desc="videos", disable=rank != 0)
+    bar = tqdm(total=len(todo) * chunks, desc="video chunks", unit="chunk", disable=rank != 0)  # integers: exact
     for b in range(0, len(todo), cfg.batch_size):
         batch, kept, n = todo[b:b + cfg.batch_size], [], 0
         with ExitStack() as files:
@@ -391,7 +391,7 @@ def sample_batch(cfg: Config, own: dict, parts: Components, student: WanModel, c
                 if own["score"]:
                     kept.append(pixels[:, picked[(picked >= n) & (picked < n + pixels.shape[1])] - n].cpu())
                 n += pixels.shape[1]
-                bar.update(len(batch) / chunks)
+                bar.update(len(batch))
         if own["score"]:
             res = parts.reward.score_and_saliency(torch.cat(kept, 1).to(device), [j["prompt"] for j in batch],
                                                   fps=rm_fps)
