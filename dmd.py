@@ -164,7 +164,7 @@ def generate_chunk(student: WanModel, noise: Tensor, context: Tensor, cache: KVC
         clean = x0.detach()
         t = _full_t(clean, refresh_t)
         x_refresh = add_noise(clean, _randn_like(clean, generator), t) if refresh_t > 0 else clean
-        student(x_refresh, t, context, cache=cache, write_cache=True)
+        student(x_refresh, t, context, cache=cache, write_cache=True, kv_only=True)  # output unused
     return x0
 
 

@@ -128,7 +128,8 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 
 class RopeTables(NamedTuple):
-    """Per-forward RoPE for the new tokens (queries and their keys) and, in relative-cache mode, the cached keys."""
+    """RoPE for the new tokens (queries and their keys) and, in relative-cache mode, the cached keys (KVCache.past
+    applies it once per cache state). Depends only on the geometry, so a cache keeps the last one (rope_for)."""
 
     new: torch.Tensor
     past: torch.Tensor | None  # None: no past keys, or past keys were cached already roped
@@ -193,21 +194,23 @@ class WanAttention(nn.Module):
         return z.unflatten(-1, (self.num_heads, -1))
 
     def self_attention(self, x: torch.Tensor, rope: RopeTables, past: tuple[torch.Tensor, torch.Tensor] | None,
-                       chunk_tokens: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                       chunk_tokens: int | None, kv_only: bool = False
+                       ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, F, S, D] -> (out [B, F, S, D], (k, v) of these tokens [B, F*S, n, d] for the cache).
 
-        q = RoPE(RMS(W_q x)), k = RoPE(RMS(W_k x)), v = W_v x; keys/values = [past | new] (past from the cache).
+        q = RoPE(RMS(W_q x)), k = RoPE(RMS(W_k x)), v = W_v x; keys/values = [past | new] (past from the cache, its
+        keys already rotated). kv_only: out is None, only (k, v) are computed (the cache refresh's last block).
         """
         nf, S = x.shape[1:3]
         x = x.flatten(1, 2)
-        q, k, v = self.heads(self.norm_q(self.q(x))), self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
-        q, k_roped = apply_rope(q, rope.new), apply_rope(k, rope.new)
+        k, v = self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+        k_roped = apply_rope(k, rope.new)
+        if kv_only:
+            return None, (k_roped if rope.cache_roped else k, v)
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), rope.new)
         keys, values = k_roped, v
         if past is not None:
-            past_k, past_v = past
-            if rope.past is not None:
-                past_k = apply_rope(past_k, rope.past)
-            keys, values = torch.cat([past_k, k_roped], dim=1), torch.cat([past_v, v], dim=1)
+            keys, values = torch.cat([past[0], k_roped], dim=1), torch.cat([past[1], v], dim=1)
         out = self.o(attention(q, keys, values, chunk_tokens)).unflatten(1, (nf, S))
         return out, (k_roped if rope.cache_roped else k, v)
 
@@ -239,15 +242,18 @@ class WanBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x, e0, ctx, cross_kv, rope, past, chunk_tokens):
+    def forward(self, x, e0, ctx, cross_kv, rope, past, chunk_tokens, kv_only=False):
         """x [B, F, S, D]; e0 [B, F or 1, 6, D] fp32; ctx [B, text_len, D] (used when cross_kv is None).
 
-        Returns x and this block's (k, v) for the cache.
+        Returns x (None with kv_only: the block stops after its K/V) and this block's (k, v) for the cache.
         """
         if e0.dtype != torch.float32:  # FSDP2's default input cast: the residual stream would be rounded too
             raise ValueError(f"block got the modulation in {e0.dtype}; shard with model.mixed_precision_policy()")
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).chunk(6, dim=2)  # each [B, F|1, 1, D]
-        y, kv = self.self_attn.self_attention(self.norm1(x) * (1 + scale1) + shift1, rope, past, chunk_tokens)
+        y, kv = self.self_attn.self_attention(self.norm1(x) * (1 + scale1) + shift1, rope, past, chunk_tokens,
+                                              kv_only)
+        if kv_only:
+            return None, kv
         x = x + y * gate1
         x = x + self.cross_attn.cross_attention(self.norm3(x), cross_kv or self.cross_attn.cross_kv(ctx))
         x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
@@ -320,16 +326,20 @@ class WanModel(nn.Module):
         return e.unflatten(0, t.shape), e0.unflatten(0, t.shape).unflatten(-1, (6, -1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: "KVCache | None" = None,
-                write_cache: bool = False) -> torch.Tensor:
+                write_cache: bool = False, kv_only: bool = False) -> torch.Tensor | None:
         """Flow prediction v = eps - x0 (REFERENCE §2.3): x [B,F,C,H,W], t [B] or [B,F] in [0, 1000],
         context [B, L <= text_len, text_dim] (zero-padded to text_len here) -> v [B,F,C,H,W] fp32.
 
         cache=None: full sequence (bidirectional, or block-causal over chunks of chunk_frames for the student).
         cache given: x is one chunk of chunk_frames frames attending [cached frames | chunk]; write_cache=True then
         appends the chunk's K/V to the cache (eviction / EMA-sink there). Gradient flows through the chunk only.
+        kv_only (with write_cache): only the cache write, returns None; the last block stops after its K/V (its
+        attention, cross-attention, FFN and the head would be thrown away: the refresh of dmd.generate_chunk).
         """
         t = torch.as_tensor(t, device=x.device)
         self.check_inputs(x, t, context, cache, write_cache)
+        if kv_only and not write_cache:
+            raise ValueError("kv_only=True computes only the cache write: it needs write_cache=True")
         _, nf, _, H, W = x.shape
         _, ph, pw = self.cfg.patch_size
         gh, gw = H // ph, W // pw
@@ -341,7 +351,8 @@ class WanModel(nn.Module):
         chunk_tokens = self.chunk_frames * gh * gw if self.causal and cache is None else None
         new_kv = []
         for i, block in enumerate(self.blocks):
-            args = (h, e0, ctx, cross[i] if cross else None, rope, cache.past(i) if cache else None, chunk_tokens)
+            args = (h, e0, ctx, cross[i] if cross else None, rope, cache.past(i, rope.past) if cache else None,
+                    chunk_tokens, kv_only and i == len(self.blocks) - 1)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h, kv = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -350,6 +361,8 @@ class WanModel(nn.Module):
                 new_kv.append(kv)
         if write_cache:
             cache.write(new_kv, gh * gw)
+        if kv_only:
+            return None
         out = self.head(h, e)
         return rearrange(out, "b f (h w) (ph pw c) -> b f c (h ph) (w pw)", h=gh, ph=ph, pw=pw)
 
@@ -401,14 +414,22 @@ class WanModel(nn.Module):
         d = self.cfg.head_dim
         if cache is None:
             return RopeTables(rope_tables(new, gh, gw, d), None, False)
+        # the chunk's first position fixes the tables (relative: past keys at 0..start-1); kept on the cache, not in a
+        # module-level memo, so that bench.py's plan (fake tensors) and real runs never share a tensor
+        start = cache.frames_written if cache.rope == "absolute" else cache.past_frames
+        key = (start, nf, gh, gw)
+        if cache.rope_memo is not None and cache.rope_memo[0] == key:
+            return cache.rope_memo[1]
         if cache.rope == "absolute":
-            return RopeTables(rope_tables(cache.frames_written + new, gh, gw, d), None, True)
-        n_past = cache.past_frames
-        if n_past + nf > ROPE_MAX_POSITIONS:
-            raise ValueError(f"{n_past + nf} attended frames reach the RoPE table length {ROPE_MAX_POSITIONS}; "
+            tables = RopeTables(rope_tables(start + new, gh, gw, d), None, True)
+        elif start + nf > ROPE_MAX_POSITIONS:
+            raise ValueError(f"{start + nf} attended frames reach the RoPE table length {ROPE_MAX_POSITIONS}; "
                              f"set window_frames")
-        past = rope_tables(torch.arange(n_past, device=device), gh, gw, d) if n_past else None
-        return RopeTables(rope_tables(n_past + new, gh, gw, d), past, False)
+        else:
+            past = rope_tables(torch.arange(start, device=device), gh, gw, d) if start else None
+            tables = RopeTables(rope_tables(start + new, gh, gw, d), past, False)
+        cache.rope_memo = key, tables
+        return tables
 
     def text_context(self, context: torch.Tensor, cache: "KVCache | None"):
         """Zero-pad context to text_len rows (REFERENCE §2.3) and embed it; or reuse the cache's cross-attention K/V.
@@ -416,13 +437,15 @@ class WanModel(nn.Module):
         The cached K/V are used only with autograd off: under grad they are recomputed so the text path keeps its
         gradient. Returns (ctx [B, text_len, D] or None, per-layer cross K/V or None).
         """
-        if cache is not None and not torch.is_grad_enabled() and cache.cross_context is not None \
-                and torch.equal(cache.cross_context, context):
+        if cache is not None and not torch.is_grad_enabled() and cache.cross_context is context \
+                and cache.cross_version == context._version:
             return None, cache.cross_kv
         ctx = self.text_embedding(F.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1])))
         if cache is None or torch.is_grad_enabled():
             return ctx, None
-        cache.cross_context = context.clone()
+        # the same tensor object, unmodified in place since (its version counter): the same prompt, without
+        # comparing [B, text_len, text_dim] values on every call
+        cache.cross_context, cache.cross_version = context, context._version
         cache.cross_kv = [block.cross_attn.cross_kv(ctx) for block in self.blocks]
         return None, cache.cross_kv
 
@@ -463,7 +486,9 @@ class KVCache:
         self.tokens_per_frame = None
         self.k, self.v = [None] * num_layers, [None] * num_layers  # [B, frames, S, heads, head_dim]: [sink | recent]
         self.sink32 = {}  # ("k" | "v", layer): fp32 EMA-sink behind a lower-precision self.k / self.v sink
-        self.cross_context, self.cross_kv = None, None
+        self.k_roped = [None] * num_layers  # relative mode: self.k rotated at 0..n-1, until the next write / rewind
+        self.rope_memo = None  # (geometry key, RopeTables) of the last forward: WanModel.rope_for
+        self.cross_context, self.cross_version, self.cross_kv = None, None, None
 
     @property
     def sink_len(self) -> int:
@@ -474,11 +499,24 @@ class KVCache:
         """Cached frames the next chunk attends (sink + recent)."""
         return 0 if self.k[0] is None else self.k[0].shape[1]
 
-    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Cached (k, v) of a layer as token sequences [B, frames*S, heads, head_dim], or None when empty."""
+    def past(self, layer: int, rot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached (k, v) of a layer as token sequences [B, frames*S, heads, head_dim], or None when empty.
+
+        rot (relative mode, RopeTables.past): k is returned as apply_rope(k, rot), computed once per cache state and
+        kept in k_roped: the 4 denoising calls and the refresh of a chunk attend the same rotated keys.
+        """
         if self.k[layer] is None:
             return None
-        return self.k[layer].flatten(1, 2), self.v[layer].flatten(1, 2)
+        k = self.k[layer].flatten(1, 2)
+        if rot is not None:
+            if self.k_roped[layer] is None:
+                self.k_roped[layer] = apply_rope(k, rot)
+            k = self.k_roped[layer]
+        return k, self.v[layer].flatten(1, 2)
+
+    def changed(self) -> None:
+        """Drop what was computed from the cached keys (k_roped): called whenever self.k changes."""
+        self.k_roped = [None] * len(self.k)
 
     def next_chunk_frames(self) -> tuple[list[int], list[int]]:
         """(absolute frame indices, temporal RoPE positions) of the keys the next chunk attends, itself last."""
@@ -502,6 +540,7 @@ class KVCache:
                 self.k[i], self.v[i] = (self.evict(z, (name, i), sink_after, n_evict)
                                         for name, z in (("k", self.k[i]), ("v", self.v[i])))
         self.frames_written += nf
+        self.changed()
 
     def rewind(self, frames: int) -> None:
         """Drop the cached frames after the sink and set frames_written = `frames`, so that the frames from `frames` on
@@ -514,6 +553,7 @@ class KVCache:
         for i in range(len(self.k)):
             self.k[i], self.v[i] = (z[:, :sink] if sink else None for z in (self.k[i], self.v[i]))
         self.frames_written = frames
+        self.changed()
 
     def evict(self, z: torch.Tensor, key: tuple[str, int], sink_len: int, n_evict: int) -> torch.Tensor:
         """Drop the oldest n_evict non-sink frames of z [B, frames, ...]; EMA: sink = a*sink + (1-a)*evicted in fp32:

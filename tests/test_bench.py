@@ -215,14 +215,16 @@ def test_planned_rank0_of_two_matches_measured_rank0_of_two_processes(tmp_path):
 # --------------------------------------------------------------------------------------------- the planner itself
 def test_every_exit_step_allocates_alike():
     """The planner fixes the exit step to 0: every k runs one grad-enabled forward per chunk (the same graph), and
-    the no-graph steps before it allocate no more than the refresh after it, so the last exit step (the most
-    forwards) peaks the same, measured."""
+    the no-graph steps before it allocate about as much as the refresh after it, so the last exit step (the most
+    forwards) peaks the same, measured. Since the refresh stops after the last block's K/V (kv_only), a later no-graph
+    step peaks one chunk of latents higher (its input beside the previous x0): 1.2% at this tiny shape, a few MB next
+    to GBs at Wan's, hence 2%."""
     cfg = tiny_config()
     with one_process_group():
         first, last = (measure(functools.partial(bench.training_step, gpus=1, exit_step=k), cfg, 1,
                                parts_fn=tiny_parts) for k in (0, len(cfg.steps) - 1))
     for phase, peak in first["phases"].items():
-        assert abs(last["phases"][phase] / peak - 1) < 0.01, \
+        assert abs(last["phases"][phase] / peak - 1) < 0.02, \
             f"{phase}: exit step 0 peaks at {peak:,d} bytes, the last exit step at {last['phases'][phase]:,d}"
 
 

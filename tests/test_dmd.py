@@ -267,9 +267,9 @@ class IdentityStudent(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, t, context, cache=None, write_cache=False):
+    def forward(self, x, t, context, cache=None, write_cache=False, kv_only=False):
         self.calls.append((x.clone(), t.clone(), write_cache))
-        return torch.zeros_like(x)
+        return None if kv_only else torch.zeros_like(x)
 
 
 @pytest.mark.parametrize("refresh_t", [0.0, dmd.PUBLISHED_TRAIN_REFRESH_T])
@@ -307,9 +307,9 @@ def _record_calls(student: WanModel) -> list[tuple[bool, bool, float]]:
     """Wrap forward to log (grad enabled, write_cache, t) per call."""
     calls, forward = [], student.forward
 
-    def recording(x, t, context, cache=None, write_cache=False):
+    def recording(x, t, context, cache=None, write_cache=False, kv_only=False):
         calls.append((torch.is_grad_enabled(), write_cache, round(t.flatten()[0].item(), 2)))
-        return forward(x, t, context, cache=cache, write_cache=write_cache)
+        return forward(x, t, context, cache=cache, write_cache=write_cache, kv_only=kv_only)
 
     student.forward = recording
     return calls

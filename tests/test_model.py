@@ -1,6 +1,6 @@
 """model.py: parity with diffusers' WanTransformer3DModel in every checkpoint format, official parameter counts,
-streaming == block-causal forward, window / sink / EMA-sink cache geometry, clear errors (CPU, fp32 + SDPA); the
-official bf16 mode with fp32 or bf16 parameters and single-process FSDP2 (CPU bf16 autocast, REFERENCE §2.6)."""
+streaming == block-causal forward, window / sink / EMA-sink cache geometry, the streaming path (memos, kv-only
+refresh) == a per-call reference, clear errors (CPU, fp32 + SDPA); the official bf16 mode with fp32 or bf16 parameters and single-process FSDP2 (CPU bf16 autocast, REFERENCE §2.6)."""
 import copy
 import json
 
@@ -8,8 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import (KVCache, WanConfig, WanModel, load_wan_weights, mixed_precision_policy, rope_axis_dims,
-                   save_wan_weights, sinusoidal_embedding)
+import torch.nn.functional as F
+from einops import rearrange
+
+from model import (KVCache, WanConfig, WanModel, apply_rope, attention, load_wan_weights, mixed_precision_policy,
+                   rope_axis_dims, rope_tables, save_wan_weights, sinusoidal_embedding)
 
 TEXT_DIM, TEXT_LEN, LATENT_C = 12, 8, 4
 
@@ -246,6 +249,112 @@ def test_cross_attention_cache_reused_without_grad_and_refreshed_for_new_prompt(
     assert torch.equal(got, want), "a new prompt must recompute the cross-attention K/V"
 
 
+def reference_forward(net: WanModel, x, t, ctx, cache: KVCache, write_cache=False):
+    """The streaming forward written plainly, the oracle for WanModel.forward with a cache: RoPE tables built and the
+    cached keys rotated on every call, [past | chunk] by torch.cat, cross-attention over all text_len rows (the
+    padding rows too) computed from the context on every call. Only the geometry (write: eviction, EMA-sink) is the
+    cache's own. Returns v [B, k, C, H, W]; with write_cache the chunk's K/V enter the cache."""
+    _, nf, _, H, W = x.shape
+    gh, gw, d, absolute = H // 2, W // 2, net.cfg.head_dim, cache.rope == "absolute"
+    h = rearrange(net.patch_embedding(rearrange(x, "b f c h w -> b c f h w")), "b d f h w -> b f (h w) d")
+    e, e0 = net.embed_time(t)
+    text = net.text_embedding(F.pad(ctx, (0, 0, 0, net.cfg.text_len - ctx.shape[1])))
+    start = cache.frames_written if absolute else cache.past_frames
+    rot_new = rope_tables(start + torch.arange(nf), gh, gw, d)
+    rot_past = rope_tables(torch.arange(cache.past_frames), gh, gw, d)
+    new_kv = []
+    for i, block in enumerate(net.blocks):
+        shift1, scale1, gate1, shift2, scale2, gate2 = (block.modulation + e0).chunk(6, dim=2)
+        sa, ca = block.self_attn, block.cross_attn
+        y = (block.norm1(h) * (1 + scale1) + shift1).flatten(1, 2)
+        q, k, v = apply_rope(sa.heads(sa.norm_q(sa.q(y))), rot_new), sa.heads(sa.norm_k(sa.k(y))), sa.heads(sa.v(y))
+        k_roped = apply_rope(k, rot_new)
+        keys, values = k_roped, v
+        if cache.k[i] is not None:
+            past_k = cache.k[i].flatten(1, 2)
+            past_k = past_k if absolute else apply_rope(past_k, rot_past)
+            keys, values = torch.cat([past_k, k_roped], dim=1), torch.cat([cache.v[i].flatten(1, 2), v], dim=1)
+        h = h + sa.o(attention(q, keys, values)).unflatten(1, (nf, gh * gw)) * gate1
+        cq = ca.heads(ca.norm_q(ca.q(block.norm3(h).flatten(1, 2))))
+        ck, cv = ca.heads(ca.norm_k(ca.k(text))), ca.heads(ca.v(text))
+        h = h + ca.o(attention(cq, ck, cv)).unflatten(1, (nf, gh * gw))
+        h = h + block.ffn(block.norm2(h) * (1 + scale2) + shift2) * gate2
+        new_kv.append((k_roped if absolute else k, v))
+    if write_cache:
+        cache.write(new_kv, gh * gw)
+    return rearrange(net.head(h, e), "b f (h w) (ph pw c) -> b f c (h ph) (w pw)", h=gh, ph=2, pw=2)
+
+
+def stream_both(net, chunks, ctx, bf16=False, **cache_options):
+    """Each chunk: a read-only call then the kv-only refresh (dmd.generate_chunk's pattern) through WanModel.forward,
+    and the same two calls through reference_forward on its own cache. Returns (fast, reference) outputs of the
+    read-only calls and the two caches."""
+    fast, ref = net.new_cache(ctx.shape[0], **cache_options), net.new_cache(ctx.shape[0], **cache_options)
+    got, want = [], []
+    with torch.no_grad(), bf16_autocast(bf16):
+        for x, t in chunks:
+            got.append(net(x, t, ctx, cache=fast))
+            assert net(x, torch.zeros_like(t), ctx, cache=fast, write_cache=True, kv_only=True) is None
+            want.append(reference_forward(net, x, t, ctx, ref))
+            reference_forward(net, x, torch.zeros_like(t), ctx, ref, write_cache=True)
+    return got, want, fast, ref
+
+
+def random_chunks(n, k, seed=0, batch=1, h=2, w=4):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, k, LATENT_C, h, w, generator=gen), torch.rand(batch, k, generator=gen) * 1000)
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("rope", ["relative", "absolute"])
+def test_streaming_path_is_bitwise_the_per_call_reference_under_bf16(rope):
+    """Rotating the cached keys once per cache state, the RoPE tables kept per geometry, the cross K/V kept per prompt
+    and the kv-only refresh reorder no arithmetic: under bf16 autocast the outputs and the cache are the same bits as
+    the per-call reference (a context without padding rows: nothing to merge)."""
+    net = rf_student()
+    ctx = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(5))
+    got, want, fast, ref = stream_both(net, random_chunks(5, 3), ctx, bf16=True, window_frames=6, sink_frames=3,
+                                       rope=rope, **({"ema_alpha": 0.9} if rope == "relative" else {}))
+    for c, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"{rope} chunk {c}: differs from the reference by up to {(a - b).abs().max():.2e}"
+    for i in range(len(fast.k)):
+        assert torch.equal(fast.k[i], ref.k[i]) and torch.equal(fast.v[i], ref.v[i]), f"layer {i}: cache differs"
+
+
+def test_rotated_keys_follow_every_write_and_rewind(student):
+    """k_roped is a memo of the cache state: after a write or a rewind (sample.py's prompt switch) the next call sees
+    the new keys, as a fresh copy of the cache without the memo does."""
+    x, t, ctx = inputs(frames=8)
+    cache = student.new_cache(2, window_frames=6, sink_frames=2)
+    with torch.no_grad():
+        for s in range(0, 6, 2):
+            student(x[:, s:s + 2], t[:, s:s + 2], ctx, cache=cache)  # read: the memo of the state before the write
+            student(x[:, s:s + 2], t[:, s:s + 2], ctx, cache=cache, write_cache=True)
+        student(x[:, 6:], t[:, 6:], ctx, cache=cache)
+        cache.rewind(4)
+        for step in ("after rewind", "after write"):
+            plain = copy.deepcopy(cache)
+            plain.changed()
+            got, want = student(x[:, 6:], t[:, 6:], ctx, cache=cache), student(x[:, 6:], t[:, 6:], ctx, cache=plain)
+            assert torch.equal(got, want), f"{step}: stale rotated keys, off by {(got - want).abs().max():.2e}"
+            student(x[:, 4:6], t[:, 4:6], ctx, cache=cache, write_cache=True)
+
+
+def test_prompt_changed_in_place_recomputes_cross_attention(student):
+    """Reuse needs the same tensor object unchanged since (its version counter): an in-place edit of the prompt's
+    context is a new prompt."""
+    x, t, ctx = inputs(frames=4)
+    ctx = ctx.clone()
+    with torch.no_grad():
+        cache = student.new_cache(2)
+        student(x[:, :2], t[:, :2], ctx, cache=cache, write_cache=True)
+        ctx.mul_(-1)
+        got = student(x[:, 2:], t[:, 2:], ctx, cache=cache)
+        cache.cross_context = None
+        want = student(x[:, 2:], t[:, 2:], ctx, cache=cache)
+    assert torch.equal(got, want), f"in-place edited prompt: stale cross K/V, off by {(got - want).abs().max():.2e}"
+
+
 def test_gradient_checkpointing_gives_same_gradients(student):
     x, t, ctx = inputs(frames=4)
     grads = []
@@ -269,6 +378,7 @@ def sub_cache(global_cache: KVCache, frames: list[int]) -> KVCache:
     sub = copy.deepcopy(global_cache)
     sub.k = [k[:, frames] for k in sub.k]
     sub.v = [v[:, frames] for v in sub.v]
+    sub.changed()
     return sub
 
 
