@@ -164,8 +164,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v through SDPA. q [B, Lq, n, d], k/v [B, Lk, n, d] -> [B, Lq, n*d].
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: int | None = None,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v through SDPA. q [B, Lq, n, d], k/v [B, Lk, n, d] -> [B, Lq, n*d];
+    bias [1, Lk] logit offsets per key (the merged padding row, WanModel.text_context) or None.
 
     chunk_tokens: block-causal full sequence (REFERENCE §3.2, Lq == Lk): queries of chunk c see keys of chunks <= c.
     Done as one SDPA call per chunk over the key prefix: the same result as the boolean block mask without building an
@@ -173,7 +175,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: i
     """
     q, k, v = (rearrange(z, "b l n d -> b n l d") for z in (q, k, v))
     if chunk_tokens is None:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     else:
         out = torch.cat([F.scaled_dot_product_attention(q[:, :, s:s + chunk_tokens], k[:, :, :s + chunk_tokens],
                                                         v[:, :, :s + chunk_tokens])
@@ -218,10 +220,12 @@ class WanAttention(nn.Module):
         """Text keys/values: RMS(W_k ctx), W_v ctx. ctx [B, text_len, D] -> two [B, text_len, n, d]."""
         return self.heads(self.norm_k(self.k(ctx))), self.heads(self.v(ctx))
 
-    def cross_attention(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, F, S, D] attends all text_len context rows, unmasked, no RoPE (REFERENCE §2.3, §10.17)."""
+    def cross_attention(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, F, S, D] attends all text_len context rows, unmasked, no RoPE (REFERENCE §2.3, §10.17); k/v
+        [B, L, n, d] with L = text_len, or fewer rows with bias [1, L] standing for merged padding rows."""
         q = self.heads(self.norm_q(self.q(x.flatten(1, 2))))
-        return self.o(attention(q, *kv)).unflatten(1, x.shape[1:3])
+        return self.o(attention(q, k, v, bias=bias)).unflatten(1, x.shape[1:3])
 
 
 class WanBlock(nn.Module):
@@ -243,7 +247,8 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
     def forward(self, x, e0, ctx, cross_kv, rope, past, chunk_tokens, kv_only=False):
-        """x [B, F, S, D]; e0 [B, F or 1, 6, D] fp32; ctx [B, text_len, D] (used when cross_kv is None).
+        """x [B, F, S, D]; e0 [B, F or 1, 6, D] fp32; ctx [B, text_len, D] (used when cross_kv, the cached
+        (k, v, bias) of WanModel.text_context, is None).
 
         Returns x (None with kv_only: the block stops after its K/V) and this block's (k, v) for the cache.
         """
@@ -255,7 +260,7 @@ class WanBlock(nn.Module):
         if kv_only:
             return None, kv
         x = x + y * gate1
-        x = x + self.cross_attn.cross_attention(self.norm3(x), cross_kv or self.cross_attn.cross_kv(ctx))
+        x = x + self.cross_attn.cross_attention(self.norm3(x), *(cross_kv or self.cross_attn.cross_kv(ctx)))
         x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
         return x, kv
 
@@ -435,19 +440,25 @@ class WanModel(nn.Module):
         """Zero-pad context to text_len rows (REFERENCE §2.3) and embed it; or reuse the cache's cross-attention K/V.
 
         The cached K/V are used only with autograd off: under grad they are recomputed so the text path keeps its
-        gradient. Returns (ctx [B, text_len, D] or None, per-layer cross K/V or None).
+        gradient. They merge the padding added here (§10.17: attended, unmasked): the n = text_len - L >= 2 zero rows
+        embed to one key and one value, and n equal terms exp(s) v are exp(s + log n) v, so the L rows plus one
+        padding row with logit bias log n give the same attention. n comes from the shape, not the data (the same
+        under bench.py's fake-tensor plan): a caller that passes only the rows it has (L < text_len) gets the merge.
+        Returns (ctx [B, text_len, D] or None, per-layer (k, v, bias [1, L + 1] or None) or None).
         """
-        if cache is not None and not torch.is_grad_enabled() and cache.cross_context is context \
-                and cache.cross_version == context._version:
-            return None, cache.cross_kv
-        ctx = self.text_embedding(F.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1])))
+        n_pad = self.cfg.text_len - context.shape[1]
         if cache is None or torch.is_grad_enabled():
-            return ctx, None
+            return self.text_embedding(F.pad(context, (0, 0, 0, n_pad))), None
         # the same tensor object, unmodified in place since (its version counter): the same prompt, without
-        # comparing [B, text_len, text_dim] values on every call
-        cache.cross_context, cache.cross_version = context, context._version
-        cache.cross_kv = [block.cross_attn.cross_kv(ctx) for block in self.blocks]
-        return None, cache.cross_kv
+        # comparing [B, L, text_dim] values on every call
+        if cache.cross_context is not context or cache.cross_version != context._version:
+            cache.cross_context, cache.cross_version, cache.cross_bias = context, context._version, None
+            ctx = self.text_embedding(F.pad(context, (0, 0, 0, min(n_pad, 1))))  # n_pad <= 1: all rows
+            if n_pad >= 2:
+                cache.cross_bias = torch.zeros(1, ctx.shape[1], device=ctx.device)
+                cache.cross_bias[0, -1] = math.log(n_pad)
+            cache.cross_kv = [block.cross_attn.cross_kv(ctx) for block in self.blocks]
+        return None, [(k, v, cache.cross_bias) for k, v in cache.cross_kv]
 
 
 class KVCache:
@@ -488,7 +499,7 @@ class KVCache:
         self.sink32 = {}  # ("k" | "v", layer): fp32 EMA-sink behind a lower-precision self.k / self.v sink
         self.k_roped = [None] * num_layers  # relative mode: self.k rotated at 0..n-1, until the next write / rewind
         self.rope_memo = None  # (geometry key, RopeTables) of the last forward: WanModel.rope_for
-        self.cross_context, self.cross_version, self.cross_kv = None, None, None
+        self.cross_context, self.cross_version, self.cross_kv, self.cross_bias = None, None, None, None
 
     @property
     def sink_len(self) -> int:

@@ -358,10 +358,12 @@ def test_rollout_shape_and_gradient_only_through_exit_steps():
     x0.square().sum().backward()
     grads = [p.grad for p in net.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, "no gradient reached student"
-    with torch.no_grad():  # the grad mode changes no number (same noise draws)
+    with torch.no_grad():  # the grad mode changes no number beyond rounding (same noise draws): without grad the
+        # exit step attends the cached cross K/V with the padding rows merged (WanModel.text_context), with grad all rows
         again = dmd.self_forcing_rollout(net, noise, ctx, steps, exit_step, {},
                                          generator=torch.Generator().manual_seed(5))
-    assert torch.equal(x0.detach(), again), f"no-grad rollout differs by {(x0.detach() - again).abs().max():.2e}"
+    err = ((x0.detach() - again).norm() / again.norm()).item()
+    assert err <= 1e-6, f"no-grad rollout differs: rel err {err:.2e}"
     with pytest.raises(ValueError, match="multiple of chunk_frames"):
         dmd.self_forcing_rollout(net, noise[:, :8], ctx, steps, exit_step, {})
     with pytest.raises(ValueError, match="exit_step"):
@@ -369,8 +371,9 @@ def test_rollout_shape_and_gradient_only_through_exit_steps():
 
 
 def test_long_rollout_trains_only_its_supervised_window():
-    """Long tuning (grad_from): the chunks before the window run without graph and change no number; the window's
-    chunks keep their exit-step graph, and the window start is uniform over chunk boundaries."""
+    """Long tuning (grad_from): the chunks before the window run without graph and change no number beyond rounding
+    (without graph the cross-attention merges the padding rows, WanModel.text_context); the window's chunks keep
+    their exit-step graph, and the window start is uniform over chunk boundaries."""
     gen = torch.Generator().manual_seed(8)
     noise, ctx = torch.randn(2, 15, *LATENT, generator=gen), torch.randn(2, 6, 16, generator=gen)
     net, options = _tiny(causal=True, seed=0), dict(window_frames=9, sink_frames=3, ema_alpha=0.5)
@@ -382,7 +385,8 @@ def test_long_rollout_trains_only_its_supervised_window():
     with torch.no_grad():
         whole = dmd.self_forcing_rollout(net, noise, ctx, dmd.warped_steps(), 1, options,
                                          generator=torch.Generator().manual_seed(9))
-    assert torch.equal(x0.detach(), whole), "grad_from changed the rollout's values"
+    err = ((x0.detach() - whole).norm() / whole.norm()).item()
+    assert err <= 1e-6, f"grad_from changed the rollout's values: rel err {err:.2e}"
     x0[:, 9:].sum().backward()
     assert all(p.grad is not None for p in net.parameters()), "the window's chunks must train the student"
     starts = [dmd.sample_window_start(21, 12, 3, "cpu") for _ in range(400)]

@@ -3,6 +3,7 @@ streaming == block-causal forward, window / sink / EMA-sink cache geometry, the 
 refresh) == a per-call reference, clear errors (CPU, fp32 + SDPA); the official bf16 mode with fp32 or bf16 parameters and single-process FSDP2 (CPU bf16 autocast, REFERENCE §2.6)."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -319,6 +320,20 @@ def test_streaming_path_is_bitwise_the_per_call_reference_under_bf16(rope):
         assert torch.equal(a, b), f"{rope} chunk {c}: differs from the reference by up to {(a - b).abs().max():.2e}"
     for i in range(len(fast.k)):
         assert torch.equal(fast.k[i], ref.k[i]) and torch.equal(fast.v[i], ref.v[i]), f"layer {i}: cache differs"
+
+
+def test_padding_rows_merge_into_one_row_with_log_count_bias():
+    """A context of 5 rows (text_len 8): the 3 rows the forward pads become one cached row with logit bias log 3,
+    and the output equals the reference's attention over all 8 rows (Wan's unmasked padding); a prompt's own zero
+    rows (the shorter prompt of the batch) stay rows."""
+    net = rf_student()
+    ctx = torch.randn(2, TEXT_LEN - 3, TEXT_DIM, generator=torch.Generator().manual_seed(6))
+    ctx[0, 3:] = 0
+    got, want, fast, _ = stream_both(net, random_chunks(3, 3, batch=2), ctx, window_frames=6, sink_frames=3)
+    assert fast.cross_kv[0][0].shape[1] == 6 and torch.equal(fast.cross_bias, torch.tensor([[0.0] * 5 + [math.log(3)]])), \
+        f"cached cross K/V rows {fast.cross_kv[0][0].shape[1]}, bias {fast.cross_bias.tolist()}; want 5 + 1, log 3"
+    for c, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) <= 1e-6, f"chunk {c}: merged padding vs all {TEXT_LEN} rows: rel err {rel_err(a, b):.2e}"
 
 
 def test_rotated_keys_follow_every_write_and_rewind(student):
