@@ -336,6 +336,22 @@ def test_padding_rows_merge_into_one_row_with_log_count_bias():
         assert rel_err(a, b) <= 1e-6, f"chunk {c}: merged padding vs all {TEXT_LEN} rows: rel err {rel_err(a, b):.2e}"
 
 
+@pytest.mark.parametrize("cache_options", [dict(window_frames=9, sink_frames=3, ema_alpha=0.9), {}],
+                         ids=["window9-sink3-ema", "global"])
+def test_streaming_path_equals_the_per_call_reference_over_42_chunks(cache_options):
+    """fp32, 42 chunks (126 frames: the window and the EMA-sink cycle many times, the global cache grows), a context
+    shorter than text_len (the merged padding row): every read-only output within 1e-5 of the reference's, and the
+    two caches alike at the end."""
+    net = rf_student()
+    ctx = torch.randn(1, TEXT_LEN - 3, TEXT_DIM, generator=torch.Generator().manual_seed(7))
+    got, want, fast, ref = stream_both(net, random_chunks(42, 3, seed=1, h=2, w=2), ctx, **cache_options)
+    errors = [rel_err(a, b) for a, b in zip(got, want)]
+    assert max(errors) <= 1e-5, f"chunk {errors.index(max(errors))}: rel err {max(errors):.2e} vs the reference"
+    for i in range(len(fast.k)):
+        err = max(rel_err(fast.k[i], ref.k[i]), rel_err(fast.v[i], ref.v[i]))
+        assert err <= 1e-5, f"layer {i}: cache after 42 chunks off by rel {err:.2e}"
+
+
 def test_rotated_keys_follow_every_write_and_rewind(student):
     """k_roped is a memo of the cache state: after a write or a rewind (sample.py's prompt switch) the next call sees
     the new keys, as a fresh copy of the cache without the memo does."""
