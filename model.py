@@ -520,8 +520,9 @@ class KVCache:
             return None
         k = self.k[layer].flatten(1, 2)
         if rot is not None:
-            if self.k_roped[layer] is None:
-                self.k_roped[layer] = apply_rope(k, rot)
+            if self.k_roped[layer] is None:  # in the cache's dtype: with bf16 keys (bf16 parameters under
+                # autocast) attention reads them in bf16 anyway, and an fp32 memo would triple the keys' memory
+                self.k_roped[layer] = apply_rope(k, rot).to(k.dtype)
             k = self.k_roped[layer]
         return k, self.v[layer].flatten(1, 2)
 

@@ -307,12 +307,14 @@ def random_chunks(n, k, seed=0, batch=1, h=2, w=4):
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("rope", ["relative", "absolute"])
-def test_streaming_path_is_bitwise_the_per_call_reference_under_bf16(rope):
+@pytest.mark.parametrize("rope,param_dtype", [("relative", torch.float32), ("absolute", torch.float32),
+                                              ("relative", torch.bfloat16)])
+def test_streaming_path_is_bitwise_the_per_call_reference_under_bf16(rope, param_dtype):
     """Rotating the cached keys once per cache state, the RoPE tables kept per geometry, the cross K/V kept per prompt
-    and the kv-only refresh reorder no arithmetic: under bf16 autocast the outputs and the cache are the same bits as
-    the per-call reference (a context without padding rows: nothing to merge)."""
-    net = rf_student()
+    and the kv-only refresh reorder no arithmetic: under bf16 autocast (fp32 or bf16 parameters: fp32 or bf16 cached
+    keys) the outputs and the cache are the same bits as the per-call reference (a context without padding rows:
+    nothing to merge)."""
+    net = rf_student().to(param_dtype)
     ctx = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(5))
     got, want, fast, ref = stream_both(net, random_chunks(5, 3), ctx, bf16=True, window_frames=6, sink_frames=3,
                                        rope=rope, **({"ema_alpha": 0.9} if rope == "relative" else {}))
