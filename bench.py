@@ -646,9 +646,7 @@ class FakeRun(TorchDispatchMode):
       only (token ids, masks, umT5's position buckets, Qwen2-VL's grid and sequence lengths, device meshes), is
       computed for real and counted (a GPU run holds most of it on the GPU);
     - a number read back from device data (loss, gradient norm, reward z: logs, finite checks, the balancer) is 0,
-      and a boolean check (weighting's `torch.isfinite(S).all()`) holds: the step of a normal run, every update taken;
-    - `torch.equal` (the model's same-prompt test before reusing its cached cross-attention K/V) is True: one prompt
-      per stream.
+      and a boolean check (weighting's `torch.isfinite(S).all()`) holds: the step of a normal run, every update taken.
     It keeps the peak while each `phase(name)` runs (nested phases included) and, at the highest point overall, the
     bytes alive per category (`register`, else the phase that made them)."""
 
@@ -765,8 +763,6 @@ class FakeRun(TorchDispatchMode):
         if inputs and not any(isinstance(t, FakeTensor) for t in inputs):
             with unset_fake_temporarily():  # metadata, computed from real tensors only
                 return self._count(func(*args, **kwargs))
-        if func is torch.ops.aten.equal.default:
-            return True
         if func is torch.ops.aten._local_scalar_dense.default:
             dtype = args[0].dtype
             return True if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
