@@ -198,11 +198,13 @@ def schedule(cfg: Config, own: dict, tf: int, n_init: int) -> tuple[int, list[in
 # --------------------------------------------------------------------------------------------- the stream
 def write_context(student: WanModel, latents: Tensor, context: Tensor, cache: KVCache) -> None:
     """Clean latents [B, n k, C, h, w] into the cache as context, chunk by chunk: the refresh forward of
-    dmd.generate_chunk (t = 0, write_cache=True), so eviction and the EMA-sink run as if the student had made them."""
+    dmd.generate_chunk (t = 0, write_cache=True, kv_only=True), so eviction and the EMA-sink run as if the student had
+    made them."""
     k = student.chunk_frames
     for s in range(0, latents.shape[1], k):
         chunk = latents[:, s:s + k]
-        student(chunk, torch.zeros(chunk.shape[:2], device=chunk.device), context, cache=cache, write_cache=True)
+        student(chunk, torch.zeros(chunk.shape[:2], device=chunk.device), context, cache=cache, write_cache=True,
+                kv_only=True)
 
 
 def recache(student: WanModel, cache: KVCache, held: Tensor, context: Tensor) -> None:
