@@ -119,11 +119,11 @@ def toy_assets() -> tuple[list[str], str]:
 def cache_bytes(cache) -> int:
     """Bytes held by a KVCache: self-attention K/V of every layer, the fp32 EMA-sink accumulator behind a
     lower-precision sink (sink32), the rotated keys of relative mode (k_roped), the RoPE tables of the last geometry
-    (rope_memo) and the prompt's cross-attention K/V with the merged padding row's bias (cross_bias)."""
+    (rope_memo) and the prompt's cross-attention K/V with the merged padding row's bias (one tensor for every layer)."""
     rope = [] if cache.rope_memo is None else [z for z in cache.rope_memo[1] if isinstance(z, torch.Tensor)]
     tensors = [z for z in cache.k + cache.v + cache.k_roped if z is not None] + list(cache.sink32.values()) + rope + \
-        [z for kv in cache.cross_kv or [] for z in kv] + ([] if cache.cross_bias is None else [cache.cross_bias])
-    return sum(z.numel() * z.element_size() for z in tensors)
+        [z for kv in cache.cross_kv or [] for z in kv if z is not None]
+    return sum(z.numel() * z.element_size() for z in {id(z): z for z in tensors}.values())
 
 
 def peak_rss_mb() -> float:

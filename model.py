@@ -452,13 +452,14 @@ class WanModel(nn.Module):
         # the same tensor object, unmodified in place since (its version counter): the same prompt, without
         # comparing [B, L, text_dim] values on every call
         if cache.cross_context is not context or cache.cross_version != context._version:
-            cache.cross_context, cache.cross_version, cache.cross_bias = context, context._version, None
+            cache.cross_context, cache.cross_version = context, context._version
             ctx = self.text_embedding(F.pad(context, (0, 0, 0, min(n_pad, 1))))  # n_pad <= 1: all rows
+            bias = None
             if n_pad >= 2:
-                cache.cross_bias = torch.zeros(1, ctx.shape[1], device=ctx.device)
-                cache.cross_bias[0, -1] = math.log(n_pad)
-            cache.cross_kv = [block.cross_attn.cross_kv(ctx) for block in self.blocks]
-        return None, [(k, v, cache.cross_bias) for k, v in cache.cross_kv]
+                bias = torch.zeros(1, ctx.shape[1], device=ctx.device)
+                bias[0, -1] = math.log(n_pad)
+            cache.cross_kv = [(*block.cross_attn.cross_kv(ctx), bias) for block in self.blocks]
+        return None, cache.cross_kv
 
 
 class KVCache:
@@ -499,7 +500,7 @@ class KVCache:
         self.sink32 = {}  # ("k" | "v", layer): fp32 EMA-sink behind a lower-precision self.k / self.v sink
         self.k_roped = [None] * num_layers  # relative mode: self.k rotated at 0..n-1, until the next write / rewind
         self.rope_memo = None  # (geometry key, RopeTables) of the last forward: WanModel.rope_for
-        self.cross_context, self.cross_version, self.cross_kv, self.cross_bias = None, None, None, None
+        self.cross_context, self.cross_version, self.cross_kv = None, None, None  # cross_kv: per layer (k, v, bias)
 
     @property
     def sink_len(self) -> int:

@@ -332,8 +332,9 @@ def test_padding_rows_merge_into_one_row_with_log_count_bias():
     ctx = torch.randn(2, TEXT_LEN - 3, TEXT_DIM, generator=torch.Generator().manual_seed(6))
     ctx[0, 3:] = 0
     got, want, fast, _ = stream_both(net, random_chunks(3, 3, batch=2), ctx, window_frames=6, sink_frames=3)
-    assert fast.cross_kv[0][0].shape[1] == 6 and torch.equal(fast.cross_bias, torch.tensor([[0.0] * 5 + [math.log(3)]])), \
-        f"cached cross K/V rows {fast.cross_kv[0][0].shape[1]}, bias {fast.cross_bias.tolist()}; want 5 + 1, log 3"
+    bias = fast.cross_kv[0][2]
+    assert fast.cross_kv[0][0].shape[1] == 6 and torch.equal(bias, torch.tensor([[0.0] * 5 + [math.log(3)]])), \
+        f"cached cross K/V rows {fast.cross_kv[0][0].shape[1]}, bias {bias.tolist()}; want 5 + 1, log 3"
     for c, (a, b) in enumerate(zip(got, want)):
         assert rel_err(a, b) <= 1e-6, f"chunk {c}: merged padding vs all {TEXT_LEN} rows: rel err {rel_err(a, b):.2e}"
 
