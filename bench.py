@@ -1135,7 +1135,7 @@ def print_plan(cfg: config.Config, path: str, gpus: int, runs: dict, sampling: d
 # --------------------------------------------------------------------------------------------- GPU check (issue 12)
 GPU_PRESET = "configs/wan1.3b_stream_r1_teacher1.3b.yaml"  # (b): its whole step on one GPU needs more than 80 GB
 # (bench.py plan --gpus 1, BENCHMARKS.md): an H200 holds it
-GPU_PART_TITLES = {"fps": "(a) streaming FPS, eager and torch.compile, VAE decode in and out",
+GPU_PART_TITLES = {"fps": "(a) streaming FPS, eager / torch.compile / + CUDA graphs, VAE decode in and out",
                    "step": "(b) one Stream-R1 training step, peak memory next to bench.py plan",
                    "precision": "(c) bf16 vs fp32 streaming error"}
 
@@ -1184,8 +1184,9 @@ def stream_chunks(student: WanModel, parts: config.Components, ctx: torch.Tensor
 def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: int = 3, compile_: bool = True,
             parts_fn=None) -> None:
     """(a) Streaming as sample.py runs it (Components without a reward model, the student stored as sample.py
-    stores it, random weights: speed does not depend on them), eager then torch.compile of each DiT block (regional:
-    one code for the identical blocks, a graph per cache fill, compiled in the warm-up), VAE decode included and
+    stores it, random weights: speed does not depend on them): eager, then WanModel.core compiled whole as
+    `sample.py --compile=true` does (one graph per cache fill, compiled in the warm-up), then compiled with CUDA graphs
+    (mode="reduce-overhead": the fixed shapes replayed without per-kernel launches); VAE decode included and
     excluded. FPS = pixel frames / wall time."""
     parts = (parts_fn or world_components)(dataclasses.replace(cfg, weighting="none"), device)
     student = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
@@ -1193,17 +1194,19 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
     ctx = parts.context([PLAN_PROMPT])
     print("| DiT | VAE decode | FPS | first chunk (ms) | chunk median / last (ms) | peak GiB |\n"
           "| --- | --- | --- | --- | --- | --- |")
-    for compiled in (False, True) if compile_ else (False,):
-        if compiled:
-            for block in student.blocks:
-                block.compile(dynamic=False)
+    eager_core = student.core
+    for mode in ("eager", "default", "reduce-overhead") if compile_ else ("eager",):
+        if mode != "eager":
+            torch._dynamo.reset()
+            student.core = torch.compile(eager_core, fullgraph=True, dynamic=False, mode=mode)
         stream_chunks(student, parts, ctx, cfg, warmup, decode=True)
         for decode in (True, False):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             latency, frames = stream_chunks(student, parts, ctx, cfg, chunks, decode)
             peak = f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if device.type == "cuda" else "-"
-            print(f"| {'torch.compile' if compiled else 'eager'} | {'included' if decode else 'excluded'} | "
+            name = {"eager": "eager", "default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs"}
+            print(f"| {name[mode]} | {'included' if decode else 'excluded'} | "
                   f"**{frames / sum(latency):.1f}** | {ms(latency[0])} | {ms(statistics.median(latency))} / "
                   f"{ms(latency[-1])} | {peak} |")
     print("\nFirst chunk with decode included = first-frame latency (the first chunk's frames come out together). "
@@ -1329,8 +1332,8 @@ def bench_gpu(parts: str = ",".join(GPU_PART_TITLES), chunks: int = 20, warmup: 
               plan_wait: float = 120.0):
     """The one-shot GPU check (issue 12 item 3), meant to take at most 8 minutes on one H100 / H200 (not yet timed on
     one), Markdown tables:
-    (a) fps: Wan-1.3B-shape streaming FPS at the preset's 832x480, eager and torch.compile, VAE decode included and
-        excluded (gpu_fps);
+    (a) fps: Wan-1.3B-shape streaming FPS at the preset's 832x480, eager, torch.compile and torch.compile + CUDA
+        graphs, VAE decode included and excluded (gpu_fps);
     (b) step: one Stream-R1 training step of GPU_PRESET at its real shape with random weights (VideoReward at
         Qwen2-VL-2B's shape; no file is read): its time and the peak memory of each phase
         (torch.cuda.max_memory_allocated), next to bench.py plan's prediction for one GPU, computed on the CPU in a

@@ -246,6 +246,7 @@ class WanBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
+    @torch.compiler.nested_compile_region  # compiled once for all the identical blocks (a no-op in eager)
     def forward(self, x, e0, ctx, cross_kv, rope, past, chunk_tokens, kv_only=False):
         """x [B, F, S, D]; e0 [B, F or 1, 6, D] fp32; ctx [B, text_len, D] (used when cross_kv, the cached
         (k, v, bias) of WanModel.text_context, is None).
@@ -347,29 +348,45 @@ class WanModel(nn.Module):
             raise ValueError("kv_only=True computes only the cache write: it needs write_cache=True")
         _, nf, _, H, W = x.shape
         _, ph, pw = self.cfg.patch_size
+        rope = self.rope_for(nf, H // ph, W // pw, cache, x.device)
+        ctx, cross = self.text_context(context, cache)
+        past = [cache.past(i, rope.past) for i in range(len(self.blocks))] if cache else None
+        out, new_kv = self.core(x, t, ctx, cross, rope, past, write_cache, kv_only)
+        if write_cache:
+            cache.write(new_kv, (H // ph) * (W // pw))
+        return out
+
+    def core(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | None, cross: list | None, rope: RopeTables,
+             past: list | None, write_cache: bool, kv_only: bool
+             ) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The network on tensors only, between forward's cache reads and its cache write: patch and time embedding,
+        the blocks, the head -> (v or None with kv_only, per-layer (k, v) of the chunk when write_cache, else []).
+
+        No Python state is read or changed here, so `torch.compile(net.core, fullgraph=True)` compiles it whole
+        (sample.py --compile, bench.py): the cache bookkeeping and the prompt check stay eager around it, and once
+        the window is full every chunk has the same shapes, so nothing recompiles.
+        """
+        _, nf, _, H, W = x.shape
+        _, ph, pw = self.cfg.patch_size
         gh, gw = H // ph, W // pw
         h = rearrange(self.patch_embedding(rearrange(x, "b f c h w -> b c f h w")), "b d f h w -> b f (h w) d")
         h = h.contiguous()  # a permuted residual stream would make every later op copy
         e, e0 = self.embed_time(t)
-        rope = self.rope_for(nf, gh, gw, cache, x.device)
-        ctx, cross = self.text_context(context, cache)
-        chunk_tokens = self.chunk_frames * gh * gw if self.causal and cache is None else None
+        chunk_tokens = self.chunk_frames * gh * gw if self.causal and past is None else None
         new_kv = []
         for i, block in enumerate(self.blocks):
-            args = (h, e0, ctx, cross[i] if cross else None, rope, cache.past(i, rope.past) if cache else None,
-                    chunk_tokens, kv_only and i == len(self.blocks) - 1)
+            args = (h, e0, ctx, cross[i] if cross else None, rope, past[i] if past else None, chunk_tokens,
+                    kv_only and i == len(self.blocks) - 1)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h, kv = checkpoint(block, *args, use_reentrant=False)
             else:
                 h, kv = block(*args)
             if write_cache:  # else dropped at once: a no-graph forward would hold every layer's K/V to its end
                 new_kv.append(kv)
-        if write_cache:
-            cache.write(new_kv, gh * gw)
         if kv_only:
-            return None
+            return None, new_kv
         out = self.head(h, e)
-        return rearrange(out, "b f (h w) (ph pw c) -> b f c (h ph) (w pw)", h=gh, ph=ph, pw=pw)
+        return rearrange(out, "b f (h w) (ph pw c) -> b f c (h ph) (w pw)", h=gh, ph=ph, pw=pw), new_kv
 
     def check_inputs(self, x, t, context, cache, write_cache):
         """Clear errors before any work (shapes, chunk size, cache compatibility)."""
@@ -546,7 +563,8 @@ class KVCache:
         sink_after = min(self.frames_written + nf, self.sink_frames)
         for i, (k, v) in enumerate(kv):
             k, v = (z.detach().unflatten(1, (nf, tokens_per_frame)) for z in (k, v))
-            self.k[i], self.v[i] = (z if old is None else torch.cat([old, z], dim=1)
+            # a copy also when empty: a compiled core's outputs may be overwritten by its next call (CUDA graphs)
+            self.k[i], self.v[i] = (z.clone() if old is None else torch.cat([old, z], dim=1)
                                     for old, z in ((self.k[i], k), (self.v[i], v)))
             n_evict = 0 if keep is None else self.k[i].shape[1] - sink_after - keep
             if n_evict > 0:

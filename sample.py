@@ -5,6 +5,7 @@
     python sample.py --prompt A --prompt B --switch_at 2 --seconds 6 --out x.mp4     # prompt B from 2 s on
     python sample.py --init clip.mp4 --prompt A --seconds 4                         # continue a clip (or an image)
     python sample.py --prompt_file F --samples_per_prompt 5 --video_dir D --score=true   # D/{prompt}-{i}.mp4
+    python sample.py --compile=true ...                  # torch.compile the network (compiles for 2-3 chunks first)
     torchrun --nproc_per_node=8 sample.py --config ... --ckpt ... --prompt_file F ...   # each rank its share of F
 
 Frames are appended to the mp4 as each chunk is decoded, so memory stays bounded at any length in every mode: the cache
@@ -49,7 +50,7 @@ FPS = 16  # Wan's sample_fps (REFERENCE §1.2); one toy latent is one frame, so 
 # Config field) given on the command line means batch generation.
 OWN = {"ckpt": (str, ""), "prompt": (str, None), "seconds": (float, 10.0), "frames": (int, None), "out": (str, ""),
        "upscale": (int, 8), "switch_at": (tuple, ()), "init": (str, ""), "samples_per_prompt": (int, 1),
-       "video_dir": (str, ""), "score": (bool, False)}
+       "video_dir": (str, ""), "score": (bool, False), "compile": (bool, False)}
 BATCH_ONLY = ("samples_per_prompt", "video_dir", "score")
 ONE_VIDEO_ONLY = ("switch_at", "init", "out")
 INIT_SUFFIXES = (".png", ".jpg", ".jpeg", ".mp4")
@@ -440,6 +441,8 @@ def main(argv: list[str]) -> None:
     student = build_net(cfg.model_size, weights, device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
                         frozen=True)
     print(f"student: {source}")
+    if own["compile"]:  # the tensor part of each call, one graph per cache fill (WanModel.core)
+        student.core = torch.compile(student.core, fullgraph=True, dynamic=False)
     with torch.no_grad(), autocast(cfg, device):
         if own["batch"]:
             sample_batch(cfg, own, parts, student, chunks, rank, world)

@@ -355,6 +355,36 @@ def test_streaming_path_equals_the_per_call_reference_over_42_chunks(cache_optio
         assert err <= 1e-5, f"layer {i}: cache after 42 chunks off by rel {err:.2e}"
 
 
+def test_compiled_core_is_one_graph_per_cache_fill_and_equals_eager():
+    """torch.compile(net.core, fullgraph=True) as sample.py --compile uses it (backend aot_eager: dynamo's capture and
+    guards are the backend's input, inductor only changes the kernels): each call is one whole graph, the graphs stop
+    growing once the window is full (chunk 3 of window 9 / sink 3 / EMA-sink: the past has its final 6 frames), a new
+    prompt (another context tensor, from chunk 4) adds none, and the outputs equal eager."""
+    net = rf_student()
+    gen = torch.Generator().manual_seed(2)
+    contexts = [torch.randn(1, TEXT_LEN - 3, TEXT_DIM, generator=gen) for _ in range(2)]
+    chunks = random_chunks(6, 3, seed=4)
+
+    def run():
+        cache, outs, graphs = net.new_cache(1, window_frames=9, sink_frames=3, ema_alpha=0.9), [], []
+        with torch.no_grad():
+            for i, (x, t) in enumerate(chunks):
+                outs.append(net(x, t, contexts[i >= 4], cache=cache))
+                net(x, torch.zeros_like(t), contexts[i >= 4], cache=cache, write_cache=True, kv_only=True)
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        return outs, graphs
+
+    want, _ = run()
+    torch._dynamo.reset()
+    net.core = torch.compile(net.core, fullgraph=True, dynamic=False, backend="aot_eager")
+    got, graphs = run()
+    torch._dynamo.reset()
+    assert graphs == [2, 4, 6, 6, 6, 6], f"compiled graphs after each chunk {graphs}: want 2 per cache fill (the " \
+        "read-only call and the kv-only refresh) for pasts of 0, 3, 6 frames, then none"
+    for c, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"chunk {c}: compiled core differs from eager by {(a - b).abs().max():.2e}"
+
+
 def test_rotated_keys_follow_every_write_and_rewind(student):
     """k_roped is a memo of the cache state: after a write or a rewind (sample.py's prompt switch) the next call sees
     the new keys, as a fresh copy of the cache without the memo does."""

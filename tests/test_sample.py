@@ -80,6 +80,29 @@ def test_prompt_switch_streams_red_then_blue_and_never_loses_the_object(tmp_path
     assert longest_run(got, -1) <= 3, f"the object vanishes for more than a chunk: {got}"
 
 
+def test_compile_flag_streams_through_one_compiled_graph_per_cache_fill_and_the_same_video(tmp_path, monkeypatch):
+    """--compile=true compiles WanModel.core whole (fullgraph, static shapes) and streams the same frames as eager.
+    torch.compile is given the aot_eager backend here (inductor's C++ build takes minutes on 2 cores; the capture,
+    the guards and the graphs are dynamo's either way)."""
+    calls, real_compile = [], torch.compile
+
+    def compile_with_aot_eager(fn, **options):
+        calls.append((fn.__name__, options))
+        return real_compile(fn, **options, backend="aot_eager")
+
+    args = [f"--prompt={RED}", "--frames=15", "--upscale=1", f"--out_dir={tmp_path}"]
+    sample.main(args + [f"--out={tmp_path / 'eager.mp4'}"])
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    torch._dynamo.reset()
+    sample.main(args + [f"--out={tmp_path / 'compiled.mp4'}", "--compile=true"])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert calls == [("core", {"fullgraph": True, "dynamic": False})], f"torch.compile calls {calls}"
+    assert graphs == 6, f"{graphs} graphs for 5 chunks: want 2 per cache fill (pasts of 0, 3, 6 frames), then none"
+    assert np.array_equal(iio.imread(tmp_path / "eager.mp4"), iio.imread(tmp_path / "compiled.mp4")), \
+        "the compiled stream's frames differ from eager's"
+
+
 def test_recache_computes_the_past_under_the_new_prompt_at_its_positions(world):
     """Global cache, no sink: after the re-cache, the next chunk reads exactly what a full block-causal forward over
     the clean past (t = 0) and the chunk under the NEW prompt gives: every cached frame re-run, new cross K/V, the
