@@ -230,6 +230,14 @@ def recache(student: WanModel, cache: KVCache, held: Tensor, context: Tensor) ->
     write_context(student, held[:, held.shape[1] - (written - start):], context, cache)
 
 
+def real_rows(context: Tensor) -> Tensor:
+    """context [B, L, D] without its trailing all-zero rows (the text encoder's padding after the longest prompt):
+    the student pads them back and attends them as one merged row (WanModel.text_context), the same attention over
+    a few dozen rows instead of 512."""
+    rows = context.abs().amax((0, 2)).nonzero()
+    return context[:, :int(rows.max()) + 1 if len(rows) else 1]
+
+
 @torch.no_grad()
 def stream(student: WanModel, parts: Components, cfg: Config, contexts: list[Tensor], switches: list[int],
            chunks: int, generators: list[torch.Generator], init: Tensor | None = None) -> Iterator[Tensor]:
@@ -243,6 +251,7 @@ def stream(student: WanModel, parts: Components, cfg: Config, contexts: list[Ten
     moment, the output shows only the given frames. Holds the cache, the clean latents of the last window_frames frames
     written (what recache() reads; all of them with the global cache, window_frames = 0) and one chunk.
     """
+    contexts = [real_rows(c) for c in contexts]
     B, k, device = contexts[0].shape[0], cfg.chunk_frames, contexts[0].device
     _, C, h, w = parts.latent_shape()
     cache, decoder = student.new_cache(B, **cfg.cache_options()), parts.vae.stream_decoder()

@@ -57,10 +57,11 @@ def write_mp4(path: Path, video: torch.Tensor) -> np.ndarray:
     return iio.imread(path)
 
 
-def chunks_of(world, prompt: str, n: int, cache, generator: torch.Generator) -> list[torch.Tensor]:
-    """n chunks of clean latents streamed with dmd.generate_chunk (the loop sample.py ran before issue 17)."""
+def chunks_of(world, prompt: str | torch.Tensor, n: int, cache, generator: torch.Generator) -> list[torch.Tensor]:
+    """n chunks of clean latents streamed with dmd.generate_chunk (the loop sample.py ran before issue 17); a prompt's
+    context without its padding rows as sample.stream passes it, or the given context."""
     k, (_, C, h, w) = world.cfg.chunk_frames, world.parts.latent_shape()
-    ctx = world.parts.context([prompt])
+    ctx = prompt if isinstance(prompt, torch.Tensor) else sample.real_rows(world.parts.context([prompt]))
     return [dmd.generate_chunk(world.student, torch.randn(1, k, C, h, w, generator=generator), ctx, cache, world.steps,
                                generator=[generator]) for _ in range(n)]
 
@@ -103,6 +104,20 @@ def test_compile_flag_streams_through_one_compiled_graph_per_cache_fill_and_the_
         "the compiled stream's frames differ from eager's"
 
 
+def test_stream_attends_the_real_text_rows_and_one_merged_padding_row_as_all_rows(world):
+    """stream() drops the context's trailing zero rows ("a red circle moving left" + </s>: 6 of the toy's 8), so the
+    student merges the padding into one row; its video equals generation with the full zero-padded context (to float
+    rounding, compounded over 5 chunks of 4 steps: 2e-5 here)."""
+    ctx = world.parts.context([RED])
+    assert sample.real_rows(ctx).shape[1] == 6 and torch.equal(sample.real_rows(ctx), ctx[:, :6])
+    assert not ctx[:, 6:].any()
+    cache = world.student.new_cache(1, **world.cfg.cache_options())
+    want = world.parts.vae.decode(torch.cat(chunks_of(world, ctx, 5, cache, torch.Generator().manual_seed(3)), 1))
+    got = torch.cat(list(sample.stream(world.student, world.parts, world.cfg, [ctx], [], 5,
+                                       [torch.Generator().manual_seed(3)])), 1)
+    assert (got - want).abs().max() <= 1e-4, f"merged vs all rows: max |diff| {(got - want).abs().max():.2e}"
+
+
 def test_recache_computes_the_past_under_the_new_prompt_at_its_positions(world):
     """Global cache, no sink: after the re-cache, the next chunk reads exactly what a full block-causal forward over
     the clean past (t = 0) and the chunk under the NEW prompt gives: every cached frame re-run, new cross K/V, the
@@ -126,7 +141,7 @@ def test_a_switched_stream_goes_on_as_if_its_past_were_under_the_new_prompt(worl
     """Global cache, no sink: sample.stream switching red -> blue at chunk 2 == red for 2 chunks, then a cache written
     afresh with those chunks under the blue prompt, blue from there (the same noise)."""
     cfg = dataclasses.replace(world.cfg, window_frames=0, sink_frames=0, ema_alpha=0.0)
-    red, blue = world.parts.context([RED]), world.parts.context([BLUE])
+    red, blue = (sample.real_rows(world.parts.context([p])) for p in (RED, BLUE))
     got = torch.cat(list(sample.stream(world.student, world.parts, cfg, [red, blue], [2], 4,
                                        [torch.Generator().manual_seed(7)])), 1)
     g, cache, fresh = torch.Generator().manual_seed(7), *(world.student.new_cache(1, **cfg.cache_options()) for _ in "ab")
