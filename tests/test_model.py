@@ -376,6 +376,7 @@ def test_compiled_core_is_one_graph_per_cache_fill_and_equals_eager():
 
     want, _ = run()
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # cumulative over the process otherwise
     net.core = torch.compile(net.core, fullgraph=True, dynamic=False, backend="aot_eager")
     got, graphs = run()
     torch._dynamo.reset()

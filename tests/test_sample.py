@@ -95,6 +95,7 @@ def test_compile_flag_streams_through_one_compiled_graph_per_cache_fill_and_the_
     sample.main(args + [f"--out={tmp_path / 'eager.mp4'}"])
     monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # cumulative over the process otherwise
     sample.main(args + [f"--out={tmp_path / 'compiled.mp4'}", "--compile=true"])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
