@@ -294,9 +294,10 @@ def bench_train_step(reps: int = 5):
     cfgs = {wt: config.load_config(asset_args + [f"--weighting={wt}"]) for wt in ("none", "re_dmd", "stream_r1")}
     cfg, device = cfgs["stream_r1"], torch.device("cpu")
     parts = config.Components(cfg, device)
-    teacher = config.build_net(cfg.teacher_size, cfg.teacher_path, device).requires_grad_(False).eval()
+    teacher = config.build_net(cfg.teacher_size, cfg.teacher_path, device, **config.teacher_mask(cfg))
+    teacher.requires_grad_(False).eval()
     student = config.build_net(cfg.model_size, cfg.student_path, device, causal=True, chunk_frames=cfg.chunk_frames)
-    critic = config.build_net(cfg.model_size, cfg.critic_path, device)
+    critic = config.build_net(cfg.model_size, cfg.critic_path, device, **config.teacher_mask(cfg))
     opt_net, opt_critic = train.make_optimizer(student, cfg.lr, cfg), train.make_optimizer(critic, cfg.lr_critic, cfg)
     balancer = weighting.RewardBalancer(cfg.balance_window, cfg.balance_warmup, cfg.balance_lambda)
     B, lat, steps = cfg.batch_size, parts.latent_shape(), dmd.warped_steps(cfg.steps, cfg.shift)
@@ -946,9 +947,9 @@ def training_step(cfg: config.Config, device: torch.device, gpus: int, run=Marks
     parts_fn = parts_fn or world_components
     with config.autocast(cfg, device):
         parts = parts_fn(cfg, device)
-        teacher = config.build_net(cfg.teacher_size, "", device, cfg=cfg, frozen=True)
+        teacher = config.build_net(cfg.teacher_size, "", device, cfg=cfg, frozen=True, **config.teacher_mask(cfg))
         net = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg)
-        critic = config.build_net(cfg.model_size, "", device, cfg=cfg)
+        critic = config.build_net(cfg.model_size, "", device, cfg=cfg, **config.teacher_mask(cfg))
         opts = {"net": train.make_optimizer(net, cfg.lr, cfg),
                 "critic": train.make_optimizer(critic, cfg.lr_critic, cfg)}
         for opt in opts.values():

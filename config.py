@@ -56,6 +56,8 @@ class Config:
     reward_release_dir: str = ""        # wan: VideoReward release folder
     prompt_file: str = ""               # wan: one prompt per line
     negative_prompt: str = ""           # "" for the toy (zero context); Wan's default for real runs
+    teacher_chunk_frames: int = 0       # 0: bidirectional teacher and critic (Wan); k: block-causal over chunks of k
+    #                                   frames, for a toy teacher that must learn the arrow of time (README, issue 15)
     # geometry (latent frames; pixels for height/width)
     num_frames: int = toy.TOY_FRAMES
     rollout_frames: int = 0             # > num_frames: long tuning, a window of num_frames supervised (0: = num_frames)
@@ -120,7 +122,7 @@ CHOICES = {"stage": ("teacher", "ode", "dmd"), "weighting": ("none", "re_dmd", "
            "parallel": ("ddp", "fsdp"), "model_size": tuple(SIZES), "teacher_size": tuple(SIZES)}
 AT_LEAST = {"batch_size": 1, "grad_accum": 1, "gen_every": 1, "ckpt_every": 1, "max_steps": 1, "max_bad_steps": 1,
             "sample_every": 0, "ema_start": 0, "ode_pairs": 1, "ode_steps": 1, "num_frames": 1, "chunk_frames": 1,
-            "height": 1, "width": 1}
+            "height": 1, "width": 1, "teacher_chunk_frames": 0}
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -202,6 +204,9 @@ def validate_config(cfg: Config, sampling: bool = False) -> None:
         raise SystemExit(f"stage=teacher, world={cfg.world!r}: expected world='toy' (real runs load the Wan2.1 teacher)")
     if cfg.num_frames % cfg.chunk_frames:
         raise SystemExit(f"num_frames={cfg.num_frames}: expected a multiple of chunk_frames={cfg.chunk_frames}")
+    if cfg.teacher_chunk_frames and (cfg.world != "toy" or cfg.num_frames % cfg.teacher_chunk_frames):
+        raise SystemExit(f"teacher_chunk_frames={cfg.teacher_chunk_frames}: expected 0 with world={cfg.world!r} (the "
+                         f"pretrained Wan teacher is bidirectional), else a divisor of num_frames={cfg.num_frames}")
     if cfg.rollout_frames and (cfg.rollout_frames < cfg.num_frames or cfg.rollout_frames % cfg.chunk_frames):
         raise SystemExit(f"rollout_frames={cfg.rollout_frames}: expected 0 or a multiple of chunk_frames="
                          f"{cfg.chunk_frames} that is at least num_frames={cfg.num_frames}")
@@ -289,6 +294,12 @@ class Components:
         """(F, C, H, W) of one clip's latents."""
         s = self.vae.spatial_factor
         return self.cfg.num_frames, self.vae.z_dim, self.cfg.height // s, self.cfg.width // s
+
+
+def teacher_mask(cfg: Config) -> dict:
+    """build_net's causal / chunk_frames for the teacher and the critic (which starts from it): bidirectional, or
+    block-causal over chunks of cfg.teacher_chunk_frames."""
+    return dict(causal=True, chunk_frames=cfg.teacher_chunk_frames) if cfg.teacher_chunk_frames else {}
 
 
 def build_net(size: str, path: str | dict, device: torch.device, causal: bool = False, chunk_frames: int = 3,

@@ -34,7 +34,7 @@ import dmd
 import toy
 import weighting
 from config import (DDP, Components, Config, autocast, build_net, config_changes, everywhere, load_config, replicate,
-                    setup_distributed, shard, sharded)
+                    setup_distributed, shard, sharded, teacher_mask)
 from model import WanModel
 
 
@@ -249,16 +249,16 @@ def main(argv: list[str]) -> None:
     # generator)
     teacher = critic = None
     if cfg.stage == "teacher":
-        net = build_net(cfg.teacher_size, "", device, cfg=cfg)
+        net = build_net(cfg.teacher_size, "", device, cfg=cfg, **teacher_mask(cfg))
         if cfg.world == "toy" and not cfg.text_path and rank == 0:
             save_model(parts.text.model, str(out / "text_encoder.safetensors"))  # tied embeddings: save_model
         sources = {"teacher (trained)": ""}
     else:
-        teacher = build_net(cfg.teacher_size, cfg.teacher_path, device, cfg=cfg, frozen=True)
+        teacher = build_net(cfg.teacher_size, cfg.teacher_path, device, cfg=cfg, frozen=True, **teacher_mask(cfg))
         net = build_net(cfg.model_size, cfg.student_path, device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg)
         sources = {"teacher": cfg.teacher_path, "student (trained)": cfg.student_path}
     if cfg.stage == "dmd":
-        critic = build_net(cfg.model_size, cfg.critic_path, device, cfg=cfg)
+        critic = build_net(cfg.model_size, cfg.critic_path, device, cfg=cfg, **teacher_mask(cfg))
         sources["critic"] = cfg.critic_path
     if rank == 0:
         sources["text encoder"] = cfg.text_path

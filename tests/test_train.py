@@ -114,6 +114,9 @@ def test_yaml_values_go_through_the_same_typed_parsing(tmp_path):
     (["--steps=1200,500"], "steps=(1200.0, 500.0): expected times in (0, 1000]"),
     (["--sink_frames=2"], "window_frames=9, sink_frames=2, ema_alpha=0.99, chunk_frames=3: EMA-sink fuses"),
     (["--stage=ode", "--ode_steps=8"], "ode_steps=8"),
+    (["--teacher_chunk_frames=5"], "teacher_chunk_frames=5: expected 0 with world='toy' (the pretrained Wan teacher is "
+                                   "bidirectional), else a divisor of num_frames=12"),
+    (["--teacher_chunk_frames=-1"], "teacher_chunk_frames=-1: expected >= 0"),
 ])
 def test_bad_input_fails_before_work(args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
@@ -283,6 +286,25 @@ def test_teacher_stage_keeps_an_ema_and_exports_it(tmp_path):
     assert any(not torch.equal(ema[k], net[k]) for k in ema), "the EMA is a copy of the network"
     exported = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(exported[k], ema[k]) for k in ema) and exported.keys() == ema.keys()
+
+
+@pytest.mark.parametrize("stage", ["teacher", "dmd"])
+def test_teacher_chunk_frames_makes_the_teacher_and_the_critic_block_causal(tmp_path, monkeypatch, stage):
+    """--teacher_chunk_frames=k builds the trained teacher (teacher stage), or the frozen teacher and the critic (dmd),
+    block-causal over chunks of k frames: a chunk's output does not depend on later frames. The student is unchanged."""
+    built, build_net = [], train.build_net
+    monkeypatch.setattr(train, "build_net", lambda *a, **k: built.append(build_net(*a, **k)) or built[-1])
+    stage_args = ["--stage=teacher", "--text_path=", "--batch_size=2"] if stage == "teacher" else FAST
+    train.main([f"--out_dir={tmp_path}", "--max_steps=1", "--teacher_chunk_frames=3", *stage_args])
+    teachers = built[:1] + built[2:] if stage == "dmd" else built  # dmd builds teacher, student, critic
+    assert [(n.causal, n.chunk_frames) for n in teachers] == [(True, 3)] * len(teachers)
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 12, 48, 8, 8, generator=gen), torch.randn(1, 8, 32, generator=gen)
+    later = x.clone()
+    later[:, 3:] = torch.randn(1, 9, 48, 8, 8, generator=gen)
+    with torch.no_grad():
+        a, b = (teachers[0](v, torch.full((1,), 500.0), ctx) for v in (x, later))
+    assert torch.equal(a[:, :3], b[:, :3]) and not torch.equal(a[:, 3:], b[:, 3:]), "the teacher's first chunk sees later frames"
 
 
 def test_gradients_are_clipped_to_clip(tmp_path):
