@@ -1196,6 +1196,7 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
     print("| DiT | VAE decode | FPS | first chunk (ms) | chunk median / last (ms) | peak GiB |\n"
           "| --- | --- | --- | --- | --- | --- |")
     eager_core = student.core
+    names = {"eager": "eager", "default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs"}
     for mode in ("eager", "default", "reduce-overhead") if compile_ else ("eager",):
         if mode != "eager":
             torch._dynamo.reset()
@@ -1206,8 +1207,7 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
                 torch.cuda.reset_peak_memory_stats()
             latency, frames = stream_chunks(student, parts, ctx, cfg, chunks, decode)
             peak = f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if device.type == "cuda" else "-"
-            name = {"eager": "eager", "default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs"}
-            print(f"| {name[mode]} | {'included' if decode else 'excluded'} | "
+            print(f"| {names[mode]} | {'included' if decode else 'excluded'} | "
                   f"**{frames / sum(latency):.1f}** | {ms(latency[0])} | {ms(statistics.median(latency))} / "
                   f"{ms(latency[-1])} | {peak} |")
     print("\nFirst chunk with decode included = first-frame latency (the first chunk's frames come out together). "
