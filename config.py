@@ -56,8 +56,8 @@ class Config:
     reward_release_dir: str = ""        # wan: VideoReward release folder
     prompt_file: str = ""               # wan: one prompt per line
     negative_prompt: str = ""           # "" for the toy (zero context); Wan's default for real runs
-    teacher_chunk_frames: int = 0       # 0: bidirectional teacher and critic (Wan); k: block-causal over chunks of k
-    #                                   frames, for a toy teacher that must learn the arrow of time (README, issue 15)
+    teacher_chunk_frames: int = 1       # k: teacher and critic block-causal over chunks of k frames (toy: 1, so the
+    #                                   teacher learns the arrow of time, README); 0: bidirectional (Wan, required)
     # geometry (latent frames; pixels for height/width)
     num_frames: int = toy.TOY_FRAMES
     rollout_frames: int = 0             # > num_frames: long tuning, a window of num_frames supervised (0: = num_frames)
