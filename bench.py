@@ -601,7 +601,9 @@ def bench_drift(ckpt: str = "", seconds: float = 60.0, window_seconds: float = 5
             one_per_second = videos[[0, 9, 18, 27], ::sample.FPS]
             toy.save_strip(one_per_second, strip, upscale=2)
     for ax, key in zip(axes, ("colour accuracy", "direction accuracy", "speed (px/frame)")):
-        ax.set(xlabel="seconds into the stream", title=key, ylim=(-0.05, 1.25 if "speed" in key else 1.05))
+        ax.set(xlabel="seconds into the stream", title=key, ylim=(-0.05, None if "speed" in key else 1.05))
+    axes[2].axhline(toy.SPEED, color="grey", linestyle="--", label="the world's speed")
+    axes[2].legend(fontsize=7)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"toy drift: {source}", fontsize=8)
     Path(png).parent.mkdir(parents=True, exist_ok=True)

@@ -307,6 +307,17 @@ def test_teacher_chunk_frames_makes_the_teacher_and_the_critic_block_causal(tmp_
     assert torch.equal(a[:, :3], b[:, :3]) and not torch.equal(a[:, 3:], b[:, 3:]), "the teacher's first chunk sees later frames"
 
 
+def test_the_toy_teacher_is_frame_causal_and_every_wan_teacher_bidirectional():
+    """The toy default builds its teacher and critic frame-causal (README: the toy teacher learns the arrow of time);
+    every Wan preset keeps the pretrained bidirectional teacher, and a causal one with world=wan is refused."""
+    import bench
+    assert config.teacher_mask(config.load_config([])) == dict(causal=True, chunk_frames=1)
+    presets = sorted((ROOT / "configs").glob("wan*.yaml"))
+    assert presets and all(config.teacher_mask(bench.plan_config(str(p))) == {} for p in presets)
+    with pytest.raises(SystemExit, match="teacher_chunk_frames=1: expected 0 with world='wan'"):
+        config.validate_config(config.Config(world="wan", teacher_chunk_frames=1))
+
+
 def test_gradients_are_clipped_to_clip(tmp_path):
     """Through the loop with clip far below the real gradient norms: AdamW's first moment (beta1 = 0: the applied
     gradient) has norm exactly `clip` for the generator and the critic, while the logged pre-clip norms are larger."""
