@@ -59,6 +59,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -1190,7 +1191,8 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
     stores it, random weights: speed does not depend on them): eager, then WanModel.core compiled whole as
     `sample.py --compile=true` does (one graph per cache fill, compiled in the warm-up), then compiled with CUDA graphs
     (mode="reduce-overhead": the fixed shapes replayed without per-kernel launches); VAE decode included and
-    excluded. FPS = pixel frames / wall time."""
+    excluded; then eager with each SDPA kernel chosen explicitly (MATH allowed only where it refuses: the
+    cross-attention's logit bias for flash). FPS = pixel frames / wall time."""
     parts = (parts_fn or world_components)(dataclasses.replace(cfg, weighting="none"), device)
     student = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
                                frozen=True)
@@ -1198,6 +1200,15 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
     print("| DiT | VAE decode | FPS | first chunk (ms) | chunk median / last (ms) | peak GiB |\n"
           "| --- | --- | --- | --- | --- | --- |")
     eager_core = student.core
+
+    def row(name: str, decode: bool) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        latency, frames = stream_chunks(student, parts, ctx, cfg, chunks, decode)
+        peak = f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if device.type == "cuda" else "-"
+        print(f"| {name} | {'included' if decode else 'excluded'} | **{frames / sum(latency):.1f}** | "
+              f"{ms(latency[0])} | {ms(statistics.median(latency))} / {ms(latency[-1])} | {peak} |")
+
     names = {"eager": "eager", "default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs"}
     for mode in ("eager", "default", "reduce-overhead") if compile_ else ("eager",):
         if mode != "eager":
@@ -1205,13 +1216,15 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
             student.core = torch.compile(eager_core, fullgraph=True, dynamic=False, mode=mode)
         stream_chunks(student, parts, ctx, cfg, warmup, decode=True)
         for decode in (True, False):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            latency, frames = stream_chunks(student, parts, ctx, cfg, chunks, decode)
-            peak = f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if device.type == "cuda" else "-"
-            print(f"| {names[mode]} | {'included' if decode else 'excluded'} | "
-                  f"**{frames / sum(latency):.1f}** | {ms(latency[0])} | {ms(statistics.median(latency))} / "
-                  f"{ms(latency[-1])} | {peak} |")
+            row(names[mode], decode)
+    student.core = eager_core
+    for kernel in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, kernel), SDPBackend.MATH]):
+                stream_chunks(student, parts, ctx, cfg, warmup, decode=False)
+                row(f"eager, SDPA {kernel.lower()}", decode=False)
+        except RuntimeError as err:  # a kernel this build or GPU lacks: say so, measure the next
+            print(f"| eager, SDPA {kernel.lower()} | excluded | failed: {str(err).splitlines()[0][:100]} | | | |")
     print("\nFirst chunk with decode included = first-frame latency (the first chunk's frames come out together). "
           "Published, Wan-1.3B 832x480 on one H100, VAE included: " +
           ", ".join(f"{k} {v} FPS" for k, v in PUBLISHED_FPS.items()) + "; aim >= 40 FPS.")

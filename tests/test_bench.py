@@ -384,6 +384,8 @@ def test_gpu_parts_run_on_the_cpu_at_tiny_shapes(plans, capsys):
                                      phases=plans[True]["phases"]), {"training": {"on": plans[True]}}, "CPU")
     out = capsys.readouterr().out
     assert re.search(r"\| eager \| included \| \*\*[\d.]+\*\* \|", out), out
+    kernels = re.findall(r"\| eager, SDPA (\w+) \| excluded \| \*\*[\d.]+\*\* \|", out)
+    assert kernels == ["flash_attention", "cudnn_attention", "efficient_attention"], out
     errors = [float(e) for e in re.search(r"\| rel\. error of x0, bf16 vs fp32 \| (.*) \|", out)[1].split(" | ")]
     assert len(errors) == 3 and all(1e-4 < e < 0.2 for e in errors), f"bf16 vs fp32 relative errors {errors}"
     assert "| **step peak** |" in out and "| 1.00 |" in out, out
