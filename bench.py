@@ -18,7 +18,7 @@ CPU sections (fp32, one thread by default: the 2 shared cores make 2 threads sta
 GPU section (each part skipped without a GPU):
   gpu         the one-shot GPU check: (a) Wan-1.3B streaming FPS at 832x480, eager / torch.compile, VAE decode in /
               out, vs 17.0 / 23.1 FPS; (b) one Stream-R1 training step, time and peak memory vs the plan;
-              (c) bf16 vs fp32 streaming error
+              (c) bf16 vs fp32 streaming error; --parts=fp8: (d) FP8 Linears, FPS and error vs bf16
 
 --write appends what the section printed, with the machine, command and date, to BENCHMARKS.md (ablation and blur:
 to ABLATION_MD, for the README). Toy sections use the shipped assets/ when present, else random-init networks of the
@@ -1141,7 +1141,9 @@ GPU_PRESET = "configs/wan1.3b_stream_r1_teacher1.3b.yaml"  # (b): its whole step
 # (bench.py plan --gpus 1, BENCHMARKS.md): an H200 holds it
 GPU_PART_TITLES = {"fps": "(a) streaming FPS, eager / torch.compile / + CUDA graphs, VAE decode in and out",
                    "step": "(b) one Stream-R1 training step, peak memory next to bench.py plan",
-                   "precision": "(c) bf16 vs fp32 streaming error"}
+                   "precision": "(c) bf16 vs fp32 streaming error",
+                   "fp8": "(d) FP8 Linears: streaming FPS as (a), and FP8 vs bf16 streaming error"}
+GPU_DEFAULT_PARTS = "fps,step,precision"  # (d) on request: --parts=fp8
 
 
 def synchronize(device: torch.device) -> None:
@@ -1185,17 +1187,57 @@ def stream_chunks(student: WanModel, parts: config.Components, ctx: torch.Tensor
     return latency, frames
 
 
+class Float8Linear(torch.nn.Module):
+    """An nn.Linear in FP8 (e4m3) with row-wise scales, through torch._scaled_mm:
+    y = (q(x) q(W)^T) * s_x s_W^T + b, q(z) = e4m3(z / s), s = max|row| / 448 per token of x (at each call) and per
+    output row of W (once). x [..., in] -> y [..., out] in x's dtype (the product in bf16: row-wise scaled FP8
+    products on CUDA only output bf16)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight, scale = self.quantize(linear.weight.detach())
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale.t())  # [1, out]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    @staticmethod
+    def quantize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z [rows, n] -> (e4m3 z / s [rows, n], s [rows, 1] fp32)."""
+        z = z.float()
+        scale = z.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+        return (z / scale).to(torch.float8_e4m3fn), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x8, x_scale = self.quantize(x.flatten(0, -2))
+        y = torch._scaled_mm(x8, self.weight.t(), x_scale, self.weight_scale, out_dtype=torch.bfloat16)
+        y = y if self.bias is None else y + self.bias
+        return y.unflatten(0, x.shape[:-1]).to(x.dtype)
+
+
+def float8(net: WanModel) -> WanModel:
+    """Every Linear of the blocks (attention q, k, v, o and the FFN: all but a few per-call MFLOP of embeddings and
+    head) as a Float8Linear, in place."""
+    for block in net.blocks:
+        for name, module in list(block.named_modules()):
+            if type(module) is torch.nn.Linear:
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, Float8Linear(module))
+    return net
+
+
 def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: int = 3, compile_: bool = True,
-            parts_fn=None) -> None:
+            parts_fn=None, fp8: bool = False) -> None:
     """(a) Streaming as sample.py runs it (Components without a reward model, the student stored as sample.py
     stores it, random weights: speed does not depend on them): eager, then WanModel.core compiled whole as
     `sample.py --compile=true` does (one graph per cache fill, compiled in the warm-up), then compiled with CUDA graphs
     (mode="reduce-overhead": the fixed shapes replayed without per-kernel launches); VAE decode included and
     excluded; then eager with each SDPA kernel chosen explicitly (MATH allowed only where it refuses: the
-    cross-attention's logit bias for flash). FPS = pixel frames / wall time."""
+    cross-attention's logit bias for flash). fp8: the blocks' Linears in FP8 (float8), no SDPA kernel rows.
+    FPS = pixel frames / wall time."""
     parts = (parts_fn or world_components)(dataclasses.replace(cfg, weighting="none"), device)
     student = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
                                frozen=True)
+    student = float8(student) if fp8 else student
     ctx = parts.context([PLAN_PROMPT])
     print("| DiT | VAE decode | FPS | first chunk (ms) | chunk median / last (ms) | peak GiB |\n"
           "| --- | --- | --- | --- | --- | --- |")
@@ -1206,8 +1248,9 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
             torch.cuda.reset_peak_memory_stats()
         latency, frames = stream_chunks(student, parts, ctx, cfg, chunks, decode)
         peak = f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if device.type == "cuda" else "-"
-        print(f"| {name} | {'included' if decode else 'excluded'} | **{frames / sum(latency):.1f}** | "
-              f"{ms(latency[0])} | {ms(statistics.median(latency))} / {ms(latency[-1])} | {peak} |")
+        print(f"| {'FP8 Linears, ' if fp8 else ''}{name} | {'included' if decode else 'excluded'} | "
+              f"**{frames / sum(latency):.1f}** | {ms(latency[0])} | {ms(statistics.median(latency))} / "
+              f"{ms(latency[-1])} | {peak} |")
 
     names = {"eager": "eager", "default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs"}
     for mode in ("eager", "default", "reduce-overhead") if compile_ else ("eager",):
@@ -1218,7 +1261,7 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
         for decode in (True, False):
             row(names[mode], decode)
     student.core = eager_core
-    for kernel in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+    for kernel in () if fp8 else ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         try:
             with sdpa_kernel([getattr(SDPBackend, kernel), SDPBackend.MATH]):
                 stream_chunks(student, parts, ctx, cfg, warmup, decode=False)
@@ -1300,26 +1343,29 @@ def print_step_comparison(measured: dict | None, plan: dict | None, device_name:
     print("" if plan_run else "\n(no plan: see above)")
 
 
-def gpu_precision(device: torch.device, cfg: config.Config, chunks: int = 16) -> None:
+def gpu_precision(device: torch.device, cfg: config.Config, chunks: int = 16, fp8: bool = False) -> None:
     """(c) One random student (every weight N(0, 0.02): the zero-initialised head would make both streams output
     nothing) streamed twice from the same noise: fp32 weights without autocast, and as sample.py runs it (stored
-    in bf16 under bf16 autocast, the EMA-sink accumulating in fp32); relative error of each chunk's x0."""
+    in bf16 under bf16 autocast, the EMA-sink accumulating in fp32); relative error of each chunk's x0.
+    fp8 (part d): as sample.py runs it, and the same with the blocks' Linears in FP8 (float8)."""
     torch.manual_seed(0)
-    ref = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames,
-                           cfg=dataclasses.replace(cfg, bf16=False), frozen=True)
+    ref_cfg = cfg if fp8 else dataclasses.replace(cfg, bf16=False)
+    ref = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=ref_cfg,
+                           frozen=True)
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.02)
     low = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
                            frozen=True)
     low.load_state_dict(ref.state_dict())
+    low = float8(low) if fp8 else low
     wan = ref.cfg
     spatial = cfg.height // gpu_setup(cfg)["latent"][3]
     ctx = torch.randn(1, wan.text_len, wan.text_dim, device=device)
     noise = torch.randn(chunks, 1, cfg.chunk_frames, wan.in_dim, cfg.height // spatial, cfg.width // spatial,
                         device=device)
     steps, errors = dmd.warped_steps(cfg.steps, cfg.shift), []
-    streams = [(ref, dataclasses.replace(cfg, bf16=False)), (low, cfg)]
+    streams = [(ref, ref_cfg), (low, cfg)]
     caches = [net.new_cache(1, **cfg.cache_options()) for net, _ in streams]
     generators = [torch.Generator(device).manual_seed(1) for _ in streams]
     with torch.no_grad():
@@ -1332,7 +1378,8 @@ def gpu_precision(device: torch.device, cfg: config.Config, chunks: int = 16) ->
     print(f"{chunks} chunks of {cfg.chunk_frames} latent frames ({chunks * cfg.chunk_frames * 4 / sample.FPS:.0f} s "
           f"of video), {cfg.model_size} student, cache {cfg.cache_options()}\n")
     print("| chunk | " + " | ".join(str(i) for i in range(chunks)) + " |\n" + "| --- " * (chunks + 1) + "|")
-    print("| rel. error of x0, bf16 vs fp32 | " + " | ".join(f"{e:.1e}" for e in errors) + " |\n")
+    print(f"| rel. error of x0, {'FP8 vs bf16' if fp8 else 'bf16 vs fp32'} | "
+          + " | ".join(f"{e:.1e}" for e in errors) + " |\n")
     print(f"median {statistics.median(errors):.1e}, max {max(errors):.1e}, last {errors[-1]:.1e}")
 
 
@@ -1344,7 +1391,7 @@ def start_plan(path: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
 
 
-def bench_gpu(parts: str = ",".join(GPU_PART_TITLES), chunks: int = 20, warmup: int = 3, precision_chunks: int = 16,
+def bench_gpu(parts: str = GPU_DEFAULT_PARTS, chunks: int = 20, warmup: int = 3, precision_chunks: int = 16,
               plan_wait: float = 120.0):
     """The one-shot GPU check (issue 12 item 3), meant to take at most 8 minutes on one H100 / H200 (not yet timed on
     one), Markdown tables:
@@ -1354,7 +1401,8 @@ def bench_gpu(parts: str = ",".join(GPU_PART_TITLES), chunks: int = 20, warmup: 
         Qwen2-VL-2B's shape; no file is read): its time and the peak memory of each phase
         (torch.cuda.max_memory_allocated), next to bench.py plan's prediction for one GPU, computed on the CPU in a
         child process meanwhile (waited for at most plan_wait seconds after the parts);
-    (c) precision: bf16 vs fp32 streaming, relative error per chunk (gpu_precision).
+    (c) precision: bf16 vs fp32 streaming, relative error per chunk (gpu_precision);
+    (d) fp8, only when asked for: (a)'s FPS rows and (c)'s error with the blocks' Linears in FP8 (float8).
     `parts`: which, comma-separated. A part that fails prints its error and the next one runs; without CUDA every
     part prints a skip and nothing touches CUDA."""
     names = [p for p in parts.split(",") if p]
@@ -1380,6 +1428,9 @@ def bench_gpu(parts: str = ",".join(GPU_PART_TITLES), chunks: int = 20, warmup: 
         try:
             if name == "fps":
                 gpu_fps(device, cfg, chunks, warmup)
+            elif name == "fp8":
+                gpu_precision(device, cfg, precision_chunks, fp8=True)
+                gpu_fps(device, cfg, chunks, warmup, fp8=True)
             elif name == "step":
                 measured = gpu_step(device, cfg)
                 print(f"(b) measured in {time.perf_counter() - start:.0f} s; its table comes last, with the plan\n")

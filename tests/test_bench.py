@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import bench
 import config
-from model import WanConfig
+from model import WanConfig, WanModel
 
 TINY_DIT = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)  # text_len 512 = the text encoder's
 TINY_PARTS = dict(
@@ -347,7 +347,7 @@ def test_gpu_check_without_a_device_skips_every_part_and_touches_no_cuda(capsys,
 
     monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    bench.bench_gpu(parts="fps,precision")
+    bench.bench_gpu(parts="fps,precision,fp8")
     out = capsys.readouterr().out
     assert "1560 tokens per latent frame" in out and "1260 video tokens" in out, out
     for name, title in bench.GPU_PART_TITLES.items():
@@ -366,18 +366,48 @@ def test_gpu_check_reports_a_failed_part_and_runs_the_next(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a made-up GPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(bench, "gpu_fps", crash)
-    monkeypatch.setattr(bench, "gpu_precision", lambda *a, **k: ran.append("precision"))
-    bench.bench_gpu(parts="fps,precision")
+    monkeypatch.setattr(bench, "gpu_precision", lambda *a, **k: ran.append(("precision", k.get("fp8", False))))
+    bench.bench_gpu(parts="fps,precision,fp8")
     out = capsys.readouterr().out
-    assert "FAILED**: RuntimeError: CUDA out of memory (made up)" in out and ran == ["precision"], out
+    assert out.count("FAILED**: RuntimeError: CUDA out of memory (made up)") == 2, out  # (a), and (d)'s FPS
+    assert ran == [("precision", False), ("precision", True)], ran
 
 
-def test_gpu_parts_run_on_the_cpu_at_tiny_shapes(plans, capsys):
+def test_float8_linear_is_the_dequantized_product_and_near_the_linear():
+    """Float8Linear against its formula computed from the stored e4m3 values in fp32, and against the Linear it
+    replaces (e4m3 has a 3-bit mantissa: a few % relative error, not 0) on rows 1e6 apart in scale, beyond e4m3's
+    range under one scale: each row needs its own."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    fp8 = bench.Float8Linear(linear)
+    x = torch.randn(2, 5, 64)
+    x8, sx = bench.Float8Linear.quantize(x.flatten(0, 1))
+    expected = (x8.float() * sx) @ (fp8.weight.float() * fp8.weight_scale.t()).t() + linear.bias
+    y = fp8(x)
+    assert y.shape == (2, 5, 48) and y.dtype == torch.float32 and fp8(x.bfloat16()).dtype == torch.bfloat16
+    exact = (y.float().flatten(0, 1) - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert (exact < 4e-3).all(), f"vs the formula (bf16 output rounding only): {exact}"
+    product = torch.nn.Linear(64, 48, bias=False)
+    wide = torch.randn(5, 64) * torch.logspace(-3, 3, 5)[:, None]
+    with torch.no_grad():
+        err = (bench.Float8Linear(product)(wide) - product(wide)).norm(dim=-1) / product(wide).norm(dim=-1)
+    assert (err > 1e-3).all() and (err < 0.1).all(), f"vs the fp32 Linear: {err}"
+    net = bench.float8(WanModel(WanConfig(**TINY_DIT)))
+    kinds = {type(m).__name__ for b in net.blocks for m in b.modules() if isinstance(m, (torch.nn.Linear,
+                                                                                      bench.Float8Linear))}
+    assert kinds == {"Float8Linear"} and not isinstance(net.head.head, bench.Float8Linear), kinds
+
+
+def test_gpu_parts_run_on_the_cpu_at_tiny_shapes(plans, capsys, monkeypatch):
     """The GPU parts' own code, at tiny shapes on the CPU (no compile, no CUDA memory counters): what a GPU session
     would otherwise find broken."""
+    converted, float8 = [], bench.float8
+    monkeypatch.setattr(bench, "float8", lambda net: converted.append(net) or float8(net))
     cfg = tiny_config()
     bench.gpu_fps(torch.device("cpu"), cfg, chunks=2, warmup=1, compile_=False, parts_fn=tiny_parts)
     bench.gpu_precision(torch.device("cpu"), cfg, chunks=3)
+    bench.gpu_fps(torch.device("cpu"), cfg, chunks=2, warmup=1, compile_=False, parts_fn=tiny_parts, fp8=True)
+    bench.gpu_precision(torch.device("cpu"), cfg, chunks=3, fp8=True)
     measured = bench.gpu_step(torch.device("cpu"), cfg, marks=bench.Marks(), parts_fn=tiny_parts)
     assert measured["kv_cache"] == plans[True]["kv_cache"]
     bench.print_step_comparison(dict(measured, seconds=1.0, peak=plans[True]["peak"], resident=1,
@@ -386,6 +416,9 @@ def test_gpu_parts_run_on_the_cpu_at_tiny_shapes(plans, capsys):
     assert re.search(r"\| eager \| included \| \*\*[\d.]+\*\* \|", out), out
     kernels = re.findall(r"\| eager, SDPA (\w+) \| excluded \| \*\*[\d.]+\*\* \|", out)
     assert kernels == ["flash_attention", "cudnn_attention", "efficient_attention"], out
-    errors = [float(e) for e in re.search(r"\| rel\. error of x0, bf16 vs fp32 \| (.*) \|", out)[1].split(" | ")]
-    assert len(errors) == 3 and all(1e-4 < e < 0.2 for e in errors), f"bf16 vs fp32 relative errors {errors}"
+    assert re.search(r"\| FP8 Linears, eager \| included \| \*\*[\d.]+\*\* \|", out), out
+    assert "FP8 Linears, eager, SDPA" not in out and len(converted) == 2, out  # (d)'s FPS and its error
+    for pair in ("bf16 vs fp32", "FP8 vs bf16"):
+        errors = [float(e) for e in re.search(rf"\| rel\. error of x0, {pair} \| (.*) \|", out)[1].split(" | ")]
+        assert len(errors) == 3 and all(1e-4 < e < 0.2 for e in errors), f"{pair} relative errors {errors}"
     assert "| **step peak** |" in out and "| 1.00 |" in out, out
