@@ -150,6 +150,7 @@ class Tee(io.StringIO):
 
     def write(self, s: str) -> int:
         self.out.write(s)
+        self.out.flush()  # a run killed at its time limit keeps every table printed so far
         return super().write(s)
 
 
@@ -1168,29 +1169,47 @@ def gpu_setup(cfg: config.Config) -> dict:
 
 
 def stream_chunks(student: WanModel, parts: config.Components, ctx: torch.Tensor, cfg: config.Config, n_chunks: int,
-                  decode: bool) -> tuple[list[float], int]:
-    """n_chunks of a fresh stream as sample.py makes it: dmd.generate_chunk (every step + the cache refresh, cfg's
-    cache geometry) then, if decode, the streaming VAE decoder, under cfg's autocast. Returns per-chunk seconds
-    (device synchronised) and the pixel frames made (counted as the decoder would make them when decode is off)."""
-    device, tf = ctx.device, parts.vae.temporal_factor
+                  decode: bool) -> tuple[list[float], list[int]]:
+    """n_chunks of a fresh stream as sample.py makes it: the prompt's real rows (sample.real_rows), dmd.generate_chunk
+    (every step + the cache refresh, cfg's cache geometry) then, if decode, the streaming VAE decoder, under cfg's
+    autocast. Returns per-chunk seconds (device synchronised) and pixel frames (counted as the decoder would make
+    them when decode is off)."""
+    device, tf, ctx = ctx.device, parts.vae.temporal_factor, sample.real_rows(ctx)
     _, c, h, w = parts.latent_shape()
     cache, decoder = student.new_cache(1, **cfg.cache_options()), parts.vae.stream_decoder()
-    steps, latency, frames = dmd.warped_steps(cfg.steps, cfg.shift), [], 0
+    steps, latency, frames = dmd.warped_steps(cfg.steps, cfg.shift), [], []
     with torch.no_grad(), config.autocast(cfg, device):
         for i in range(n_chunks):
             start = time.perf_counter()
             noise = torch.randn(1, cfg.chunk_frames, c, h, w, device=device)
             x0 = dmd.generate_chunk(student, noise, ctx, cache, steps)
-            frames += decoder(x0).shape[1] if decode else tf * cfg.chunk_frames - (tf - 1 if i == 0 else 0)
+            frames.append(decoder(x0).shape[1] if decode else tf * cfg.chunk_frames - (tf - 1 if i == 0 else 0))
             synchronize(device)
             latency.append(time.perf_counter() - start)
     return latency, frames
 
 
+def compiled_when_full(core, cfg: config.Config, patch_size: tuple[int, int, int], mode: str):
+    """WanModel.core compiled as `sample.py --compile=true` compiles it (fullgraph, static shapes; `mode` "default" or
+    "reduce-overhead" for CUDA graphs), used once the window is full and eager before: the steady state is 2 graphs
+    (the denoising call and the refresh), where every cache fill would be 6, and a 30-block graph takes tens of seconds
+    to compile (minutes of the GPU check for chunks no row's FPS counts)."""
+    compiled = torch.compile(core, fullgraph=True, dynamic=False, mode=mode)
+    _, ph, pw = patch_size
+
+    def call(x, t, ctx, cross, rope, past, write_cache, kv_only):
+        tokens = (cfg.window_frames - cfg.chunk_frames) * (x.shape[-2] // ph) * (x.shape[-1] // pw)
+        full = past is not None and past[0] is not None and past[0][0].shape[1] == tokens
+        return (compiled if full else core)(x, t, ctx, cross, rope, past, write_cache, kv_only)
+
+    return call
+
+
 class Float8Linear(torch.nn.Module):
     """An nn.Linear in FP8 (e4m3) with row-wise scales, through torch._scaled_mm:
     y = (q(x) q(W)^T) * s_x s_W^T + b, q(z) = e4m3(z / s), s = max|row| / 448 per token of x (at each call) and per
-    output row of W (once). x [..., in] -> y [..., out] in x's dtype (the product in bf16: row-wise scaled FP8
+    output row of W (once), accumulated in the tensor cores' fast mode as torchao's forward does. x [..., in] ->
+    y [..., out] in autocast's dtype as nn.Linear would give it, else x's (the product in bf16: row-wise scaled FP8
     products on CUDA only output bf16)."""
 
     def __init__(self, linear: torch.nn.Linear):
@@ -1209,9 +1228,12 @@ class Float8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x8, x_scale = self.quantize(x.flatten(0, -2))
-        y = torch._scaled_mm(x8, self.weight.t(), x_scale, self.weight_scale, out_dtype=torch.bfloat16)
+        y = torch._scaled_mm(x8, self.weight.t(), x_scale, self.weight_scale, out_dtype=torch.bfloat16,
+                             use_fast_accum=True)
         y = y if self.bias is None else y + self.bias
-        return y.unflatten(0, x.shape[:-1]).to(x.dtype)
+        kind = x.device.type
+        return y.unflatten(0, x.shape[:-1]).to(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
+                                               else x.dtype)
 
 
 def float8(net: WanModel) -> WanModel:
@@ -1229,47 +1251,59 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
             parts_fn=None, fp8: bool = False) -> None:
     """(a) Streaming as sample.py runs it (Components without a reward model, the student stored as sample.py
     stores it, random weights: speed does not depend on them): eager, then WanModel.core compiled whole as
-    `sample.py --compile=true` does (one graph per cache fill, compiled in the warm-up), then compiled with CUDA graphs
-    (mode="reduce-overhead": the fixed shapes replayed without per-kernel launches); VAE decode included and
-    excluded; then eager with each SDPA kernel chosen explicitly (MATH allowed only where it refuses: the
-    cross-attention's logit bias for flash). fp8: the blocks' Linears in FP8 (float8), no SDPA kernel rows.
-    FPS = pixel frames / wall time."""
+    `sample.py --compile=true` does, once the window is full (compiled_when_full), then compiled with CUDA graphs
+    (mode="reduce-overhead": the fixed shapes replayed without per-kernel launches; the warm-up streamed twice, so
+    that both graphs are recorded before a row); VAE decode included and excluded; then eager with each SDPA kernel
+    chosen explicitly (MATH allowed only where it refuses: the cross-attention's logit bias for flash). fp8: the
+    blocks' Linears in FP8 (float8), no SDPA kernel rows. FPS = pixel frames / wall time, over all chunks and over
+    the chunks with a full window (the rate of a long stream). A mode or kernel that fails prints its error in its row
+    and the next one runs."""
     parts = (parts_fn or world_components)(dataclasses.replace(cfg, weighting="none"), device)
     student = config.build_net(cfg.model_size, "", device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
                                frozen=True)
     student = float8(student) if fp8 else student
     ctx = parts.context([PLAN_PROMPT])
-    print("| DiT | VAE decode | FPS | first chunk (ms) | chunk median / last (ms) | peak GiB |\n"
-          "| --- | --- | --- | --- | --- | --- |")
-    eager_core = student.core
+    full_at = (cfg.window_frames - cfg.chunk_frames) // cfg.chunk_frames  # the first chunk with a full window
+    print("| DiT | VAE decode | FPS | FPS, window full | first chunk (ms) | chunk median / last (ms) | peak GiB |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
+    eager_core, label = student.core, "FP8 Linears, " if fp8 else ""
 
     def row(name: str, decode: bool) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         latency, frames = stream_chunks(student, parts, ctx, cfg, chunks, decode)
         peak = f"{torch.cuda.max_memory_allocated() / GIB:.1f}" if device.type == "cuda" else "-"
-        print(f"| {'FP8 Linears, ' if fp8 else ''}{name} | {'included' if decode else 'excluded'} | "
-              f"**{frames / sum(latency):.1f}** | {ms(latency[0])} | {ms(statistics.median(latency))} / "
-              f"{ms(latency[-1])} | {peak} |")
+        print(f"| {label}{name} | {'included' if decode else 'excluded'} | **{sum(frames) / sum(latency):.1f}** | "
+              f"{sum(frames[full_at:]) / sum(latency[full_at:]):.1f} | {ms(latency[0])} | "
+              f"{ms(statistics.median(latency))} / {ms(latency[-1])} | {peak} |")
+
+    def failed(name: str, err: Exception) -> None:  # say so, measure the next
+        print(f"| {label}{name} | | failed: {type(err).__name__}: {str(err).splitlines()[0][:100]} | | | | |")
 
     names = {"eager": "eager", "default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs"}
     for mode in ("eager", "default", "reduce-overhead") if compile_ else ("eager",):
-        if mode != "eager":
-            torch._dynamo.reset()
-            student.core = torch.compile(eager_core, fullgraph=True, dynamic=False, mode=mode)
-        stream_chunks(student, parts, ctx, cfg, warmup, decode=True)
-        for decode in (True, False):
-            row(names[mode], decode)
+        try:
+            if mode != "eager":
+                torch._dynamo.reset()
+                student.core = compiled_when_full(eager_core, cfg, student.cfg.patch_size, mode)
+            for _ in range(1 if mode == "eager" else 2):
+                stream_chunks(student, parts, ctx, cfg, warmup, decode=True)
+            for decode in (True, False):
+                row(names[mode], decode)
+        except Exception as err:  # a compile failure must not cost the rows after it
+            failed(names[mode], err)
     student.core = eager_core
+    torch._dynamo.reset()  # also frees the CUDA graphs' memory pool before the next rows and parts
     for kernel in () if fp8 else ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         try:
             with sdpa_kernel([getattr(SDPBackend, kernel), SDPBackend.MATH]):
                 stream_chunks(student, parts, ctx, cfg, warmup, decode=False)
                 row(f"eager, SDPA {kernel.lower()}", decode=False)
-        except RuntimeError as err:  # a kernel this build or GPU lacks: say so, measure the next
-            print(f"| eager, SDPA {kernel.lower()} | excluded | failed: {str(err).splitlines()[0][:100]} | | | |")
-    print("\nFirst chunk with decode included = first-frame latency (the first chunk's frames come out together). "
-          "Published, Wan-1.3B 832x480 on one H100, VAE included: " +
+        except RuntimeError as err:  # a kernel this build or GPU lacks
+            failed(f"eager, SDPA {kernel.lower()}", err)
+    print(f"\nFPS, window full: chunks {full_at} on. First chunk with decode included = first-frame latency (the "
+          "first chunk's frames come out together); compiled rows run their first chunks eager. Published, "
+          "Wan-1.3B 832x480 on one H100, VAE included: " +
           ", ".join(f"{k} {v} FPS" for k, v in PUBLISHED_FPS.items()) + "; aim >= 40 FPS.")
 
 
@@ -1393,8 +1427,8 @@ def start_plan(path: Path) -> subprocess.Popen:
 
 def bench_gpu(parts: str = GPU_DEFAULT_PARTS, chunks: int = 20, warmup: int = 3, precision_chunks: int = 16,
               plan_wait: float = 120.0):
-    """The one-shot GPU check (issue 12 item 3), meant to take at most 8 minutes on one H100 / H200 (not yet timed on
-    one), Markdown tables:
+    """The one-shot GPU check (issue 12 item 3) on one H100 / H200, not yet timed on one: run --parts=fps, then
+    --parts=step,precision, each meant to take a few minutes (BENCHMARKS.md has the commands). Markdown tables:
     (a) fps: Wan-1.3B-shape streaming FPS at the preset's 832x480, eager, torch.compile and torch.compile + CUDA
         graphs, VAE decode included and excluded (gpu_fps);
     (b) step: one Stream-R1 training step of GPU_PRESET at its real shape with random weights (VideoReward at
@@ -1418,7 +1452,8 @@ def bench_gpu(parts: str = GPU_DEFAULT_PARTS, chunks: int = 20, warmup: int = 3,
         for name in names:
             print(f"{GPU_PART_TITLES[name]}: skipped, no CUDA device")
         return
-    device, tmp = torch.device("cuda"), Path(tempfile.mkdtemp())
+    # with its index: init_process_group's device_id refuses a bare "cuda" (part b)
+    device, tmp = torch.device("cuda", torch.cuda.current_device()), Path(tempfile.mkdtemp())
     plan = start_plan(tmp / "plan.json") if "step" in names else None
     measured = None
     for name in names:

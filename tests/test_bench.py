@@ -365,12 +365,14 @@ def test_gpu_check_reports_a_failed_part_and_runs_the_next(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a made-up GPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(bench, "gpu_fps", crash)
-    monkeypatch.setattr(bench, "gpu_precision", lambda *a, **k: ran.append(("precision", k.get("fp8", False))))
+    monkeypatch.setattr(bench, "gpu_precision", lambda device, *a, **k: ran.append((device, k.get("fp8", False))))
     bench.bench_gpu(parts="fps,precision,fp8")
     out = capsys.readouterr().out
     assert out.count("FAILED**: RuntimeError: CUDA out of memory (made up)") == 2, out  # (a), and (d)'s FPS
-    assert ran == [("precision", False), ("precision", True)], ran
+    cuda0 = torch.device("cuda", 0)  # with its index, as init_process_group's device_id (part b) needs it
+    assert ran == [(cuda0, False), (cuda0, True)], ran
 
 
 def test_float8_linear_is_the_dequantized_product_and_near_the_linear():
@@ -385,6 +387,8 @@ def test_float8_linear_is_the_dequantized_product_and_near_the_linear():
     expected = (x8.float() * sx) @ (fp8.weight.float() * fp8.weight_scale.t()).t() + linear.bias
     y = fp8(x)
     assert y.shape == (2, 5, 48) and y.dtype == torch.float32 and fp8(x.bfloat16()).dtype == torch.bfloat16
+    with torch.autocast("cpu", torch.bfloat16):  # as nn.Linear: autocast's dtype, whatever x's
+        assert fp8(x).dtype == torch.bfloat16
     exact = (y.float().flatten(0, 1) - expected).norm(dim=-1) / expected.norm(dim=-1)
     assert (exact < 4e-3).all(), f"vs the formula (bf16 output rounding only): {exact}"
     product = torch.nn.Linear(64, 48, bias=False)
@@ -398,15 +402,35 @@ def test_float8_linear_is_the_dequantized_product_and_near_the_linear():
     assert kinds == {"Float8Linear"} and not isinstance(net.head.head, bench.Float8Linear), kinds
 
 
+def test_compiled_when_full_compiles_only_the_full_window_calls(monkeypatch):
+    """(a)'s compiled rows: the compiled core runs exactly the calls with a full window (4 steps + the refresh of
+    every chunk from the third on, window 9 = 6 cached frames + the chunk), the earlier ones run eager."""
+    cfg = tiny_config()
+    pasts = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: pasts.append(a[5][0][0].shape[1]) or fn(*a))
+    torch.manual_seed(0)
+    net = WanModel(WanConfig(**TINY_DIT), causal=True, chunk_frames=cfg.chunk_frames).eval()
+    net.core = bench.compiled_when_full(net.core, cfg, net.cfg.patch_size, "default")
+    cache, ctx = net.new_cache(1, **cfg.cache_options()), torch.randn(1, 7, TINY_DIT["text_dim"])
+    steps = bench.dmd.warped_steps(cfg.steps, cfg.shift)
+    with torch.no_grad():
+        for _ in range(5):
+            bench.dmd.generate_chunk(net, torch.randn(1, cfg.chunk_frames, 16, 16, 16), ctx, cache, steps)
+    tokens = (cfg.window_frames - cfg.chunk_frames) * 8 * 8  # 16x16 latents, 2x2 patches
+    assert pasts == [tokens] * (3 * (len(steps) + 1)), pasts
+
+
 def test_gpu_parts_run_on_the_cpu_at_tiny_shapes(plans, capsys, monkeypatch):
     """The GPU parts' own code, at tiny shapes on the CPU (no compile, no CUDA memory counters): what a GPU session
     would otherwise find broken."""
     converted, float8 = [], bench.float8
     monkeypatch.setattr(bench, "float8", lambda net: converted.append(net) or float8(net))
+    rows, real_rows = [], bench.sample.real_rows  # the prompt's rows as sample.py passes them
+    monkeypatch.setattr(bench.sample, "real_rows", lambda c: rows.append(real_rows(c).shape[1]) or real_rows(c))
     cfg = tiny_config()
-    bench.gpu_fps(torch.device("cpu"), cfg, chunks=2, warmup=1, compile_=False, parts_fn=tiny_parts)
+    bench.gpu_fps(torch.device("cpu"), cfg, chunks=3, warmup=1, compile_=False, parts_fn=tiny_parts)
     bench.gpu_precision(torch.device("cpu"), cfg, chunks=3)
-    bench.gpu_fps(torch.device("cpu"), cfg, chunks=2, warmup=1, compile_=False, parts_fn=tiny_parts, fp8=True)
+    bench.gpu_fps(torch.device("cpu"), cfg, chunks=3, warmup=1, compile_=False, parts_fn=tiny_parts, fp8=True)
     bench.gpu_precision(torch.device("cpu"), cfg, chunks=3, fp8=True)
     measured = bench.gpu_step(torch.device("cpu"), cfg, marks=bench.Marks(), parts_fn=tiny_parts)
     assert measured["kv_cache"] == plans[True]["kv_cache"]
@@ -418,6 +442,7 @@ def test_gpu_parts_run_on_the_cpu_at_tiny_shapes(plans, capsys, monkeypatch):
     assert kernels == ["flash_attention", "cudnn_attention", "efficient_attention"], out
     assert re.search(r"\| FP8 Linears, eager \| included \| \*\*[\d.]+\*\* \|", out), out
     assert "FP8 Linears, eager, SDPA" not in out and len(converted) == 2, out  # (d)'s FPS and its error
+    assert rows and all(0 < r < 512 for r in rows), rows  # text_len 512: padding merged
     for pair in ("bf16 vs fp32", "FP8 vs bf16"):
         errors = [float(e) for e in re.search(rf"\| rel\. error of x0, {pair} \| (.*) \|", out)[1].split(" | ")]
         assert len(errors) == 3 and all(1e-4 < e < 0.2 for e in errors), f"{pair} relative errors {errors}"
