@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -332,17 +333,19 @@ def build_net(size: str, path: str | dict, device: torch.device, causal: bool = 
 
 
 # --------------------------------------------------------------------------------------------- distributed
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun's environment -> (rank, world_size, device), process group nccl on CUDA, gloo on CPU; plain
-    `python train.py` is rank 0 of 1 without a process group."""
+def setup_distributed(timeout: timedelta = timedelta(hours=1)) -> tuple[int, int, torch.device]:
+    """torchrun's environment -> (rank, world_size, device), process group nccl on CUDA (bound to this rank's GPU),
+    gloo on CPU; plain `python train.py` is rank 0 of 1 without a process group. timeout: how long a collective waits
+    for the slowest rank before the run is killed (NCCL's default, 10 min, is less than rank 0 takes to write a Wan
+    checkpoint alone: student, critic, EMA and two AdamW states, about 40 GB)."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def everywhere(flag: bool) -> bool:

@@ -101,30 +101,33 @@ def rope_tables(frame_pos: torch.Tensor, grid_h: int, grid_w: int, head_dim: int
     """3-D RoPE rotations for tokens on a (frames x grid_h x grid_w) grid (REFERENCE §2.5).
 
     Per axis a with real dims d_a: angle_j = pos * theta^(-2j/d_a), j < d_a/2 (each axis normalised by its own dims).
-    frame_pos: [Fk] temporal positions; h and w positions start at 0. Built in float64, returned as complex64
-    exp(i angle): [Fk*grid_h*grid_w, 1, head_dim/2] (the 1 broadcasts over heads).
+    frame_pos: [Fk] temporal positions; h and w positions start at 0. Built in float64, returned as fp32 (cos, sin)
+    of each angle: [Fk*grid_h*grid_w, 1, head_dim/2, 2] (the 1 broadcasts over heads).
     """
     device = frame_pos.device
 
-    def rotations(pos, d):  # exp(i * pos * omega) per axis, float64 angles -> complex64
-        ang = torch.outer(pos.double(), ROPE_THETA ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
-        return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+    def angles(pos, d):  # pos * omega per axis, float64
+        return torch.outer(pos.double(), ROPE_THETA ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
 
     dt, dh, dw = rope_axis_dims(head_dim)
     nf = frame_pos.numel()
-    rt = rotations(frame_pos, dt)[:, None, None].expand(nf, grid_h, grid_w, -1)
-    rh = rotations(torch.arange(grid_h, device=device), dh)[None, :, None].expand(nf, grid_h, grid_w, -1)
-    rw = rotations(torch.arange(grid_w, device=device), dw)[None, None, :].expand(nf, grid_h, grid_w, -1)
-    return torch.cat([rt, rh, rw], dim=-1).reshape(-1, 1, head_dim // 2)
+    at = angles(frame_pos, dt)[:, None, None].expand(nf, grid_h, grid_w, -1)
+    ah = angles(torch.arange(grid_h, device=device), dh)[None, :, None].expand(nf, grid_h, grid_w, -1)
+    aw = angles(torch.arange(grid_w, device=device), dw)[None, None, :].expand(nf, grid_h, grid_w, -1)
+    ang = torch.cat([at, ah, aw], dim=-1).reshape(-1, 1, head_dim // 2)
+    return torch.stack([ang.cos(), ang.sin()], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) = (re, im): (a + ib) exp(i angle) = (a cos - b sin, a sin + b cos)
-    (REFERENCE §2.5; complex multiply as Wan's rope_apply, 10x faster on CPU than real arithmetic).
+    """Rotate interleaved pairs (x[2i], x[2i+1]) = (a, b): (a + ib) exp(i angle) = (a cos - b sin, a sin + b cos)
+    (REFERENCE §2.5). Wan's rope_apply multiplies complex numbers, the same products; in real arithmetic because
+    inductor fuses real ops and leaves complex ones to eager kernels (and its CUDA code generation has failed on them).
 
-    x: [B, L, heads, head_dim]; rot: [L, 1, head_dim/2] complex64. Returns fp32 like Wan.
+    x: [B, L, heads, head_dim]; rot: [L, 1, head_dim/2, 2] (cos, sin) fp32. Returns fp32 like Wan.
     """
-    return torch.view_as_real(torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2))) * rot).flatten(-2)
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rot.unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
 
 
 class RopeTables(NamedTuple):
@@ -175,7 +178,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_tokens: i
     """
     q, k, v = (rearrange(z, "b l n d -> b n l d") for z in (q, k, v))
     if chunk_tokens is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     else:
         out = torch.cat([F.scaled_dot_product_attention(q[:, :, s:s + chunk_tokens], k[:, :, :s + chunk_tokens],
                                                         v[:, :, :s + chunk_tokens])
@@ -351,6 +354,9 @@ class WanModel(nn.Module):
         rope = self.rope_for(nf, H // ph, W // pw, cache, x.device)
         ctx, cross = self.text_context(context, cache)
         past = [cache.past(i, rope.past) for i in range(len(self.blocks))] if cache else None
+        # canonical strides, of size-1 dims too: a compiled core guards on them, and a chunk sliced from a clip (the
+        # re-cache) would otherwise recompile the graph a generated chunk made
+        x = x.clone(memory_format=torch.contiguous_format)
         out, new_kv = self.core(x, t, ctx, cross, rope, past, write_cache, kv_only)
         if write_cache:
             cache.write(new_kv, (H // ph) * (W // pw))

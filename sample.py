@@ -26,6 +26,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -54,6 +55,7 @@ OWN = {"ckpt": (str, ""), "prompt": (str, None), "seconds": (float, 10.0), "fram
 BATCH_ONLY = ("samples_per_prompt", "video_dir", "score")
 ONE_VIDEO_ONLY = ("switch_at", "init", "out")
 INIT_SUFFIXES = (".png", ".jpg", ".jpeg", ".mp4")
+COMPILED_ROWS = 64  # --compile: a prompt's text rows rounded up to a multiple of this (real_rows): fewer graphs
 NAME_MAX = 255  # bytes in a file name (ext4, XFS, APFS, ...)
 
 
@@ -79,6 +81,7 @@ def parse(argv: list[str]) -> tuple[Config, dict]:
         raise SystemExit(f"unknown flag --{unknown[0]}; sample.py takes --{', --'.join(OWN)} and the config's keys: "
                          f"{', '.join(FIELDS)}")
     own["batch"] = "prompt_file" in flags
+    own["rows_multiple"] = COMPILED_ROWS if own["compile"] else 1
     own["prompt"] = prompt_lines(flags["prompt_file"]) if own["batch"] else prompts
     check_flags(own, given)
     # Components loads a reward model for weighted runs only; ranks sample on their own prompts: nothing is sharded
@@ -97,6 +100,11 @@ def parse(argv: list[str]) -> tuple[Config, dict]:
         for key in ("reward_base_dir", "reward_release_dir"):
             if not Path(getattr(cfg, key)).exists():
                 raise SystemExit(f"--score: {key}={getattr(cfg, key)!r}: expected the VideoReward folder")
+    try:  # mp4 in and out go through ffmpeg: if it is missing, say so before any network is built
+        import imageio_ffmpeg  # here, not on top: bench.py's GPU check imports this file where there is no ffmpeg
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        raise SystemExit(f"sample.py writes mp4 through imageio-ffmpeg's ffmpeg (requirements.txt): {err}") from None
     return cfg, own
 
 
@@ -230,17 +238,20 @@ def recache(student: WanModel, cache: KVCache, held: Tensor, context: Tensor) ->
     write_context(student, held[:, held.shape[1] - (written - start):], context, cache)
 
 
-def real_rows(context: Tensor) -> Tensor:
+def real_rows(context: Tensor, multiple: int = 1) -> Tensor:
     """context [B, L, D] without its trailing all-zero rows (the text encoder's padding after the longest prompt):
     the student pads them back and attends them as one merged row (WanModel.text_context), the same attention over
-    a few dozen rows instead of 512."""
+    a few dozen rows instead of 512. multiple: keep a multiple of this many rows (at most L), zero rows attended
+    one by one, the same attention again; under --compile, prompts of similar length then share one graph."""
     rows = context.abs().amax((0, 2)).nonzero()
-    return context[:, :int(rows.max()) + 1 if len(rows) else 1]
+    n = int(rows.max()) + 1 if len(rows) else 1
+    return context[:, :min(-(-n // multiple) * multiple, context.shape[1])]
 
 
 @torch.no_grad()
 def stream(student: WanModel, parts: Components, cfg: Config, contexts: list[Tensor], switches: list[int],
-           chunks: int, generators: list[torch.Generator], init: Tensor | None = None) -> Iterator[Tensor]:
+           chunks: int, generators: list[torch.Generator], init: Tensor | None = None,
+           rows_multiple: int = 1) -> Iterator[Tensor]:
     """The video chunk by chunk: yields decoded pixels [B, t, 3, H, W] in [-1, 1], first (given `init`) the given
     frames, then each of `chunks` generated chunks (dmd.generate_chunk, as in training).
 
@@ -250,8 +261,9 @@ def stream(student: WanModel, parts: Components, cfg: Config, contexts: list[Ten
     front with copies of its first frame (k - n mod k of them): the cache sees the clip's first frame held still for a
     moment, the output shows only the given frames. Holds the cache, the clean latents of the last window_frames frames
     written (what recache() reads; all of them with the global cache, window_frames = 0) and one chunk.
+    rows_multiple: real_rows' multiple.
     """
-    contexts = [real_rows(c) for c in contexts]
+    contexts = [real_rows(c, rows_multiple) for c in contexts]
     B, k, device = contexts[0].shape[0], cfg.chunk_frames, contexts[0].device
     _, C, h, w = parts.latent_shape()
     cache, decoder = student.new_cache(B, **cfg.cache_options()), parts.vae.stream_decoder()
@@ -324,7 +336,7 @@ def sample_one(cfg: Config, own: dict, parts: Components, student: WanModel, chu
     print(f"{chunks} chunks of {k} latent frames -> {out}")
     up = own["upscale"] if cfg.world == "toy" else 1
     frames = stream(student, parts, cfg, [parts.context([p]) for p in prompts], switches, chunks,
-                    [torch.Generator(device).manual_seed(cfg.seed)], latents)
+                    [torch.Generator(device).manual_seed(cfg.seed)], latents, own["rows_multiple"])
     latency, n_frames, start = [], 0, time.perf_counter()
     with mp4_writer(out) as writer:
         t0 = start
@@ -396,7 +408,8 @@ def sample_batch(cfg: Config, own: dict, parts: Components, student: WanModel, c
         with ExitStack() as files:
             writers = [files.enter_context(mp4_writer(partial / j["video"])) for j in batch]
             for pixels in stream(student, parts, cfg, [parts.context([j["prompt"] for j in batch])], [], chunks,
-                                 [torch.Generator(device).manual_seed(j["seed"]) for j in batch]):
+                                 [torch.Generator(device).manual_seed(j["seed"]) for j in batch],
+                                 rows_multiple=own["rows_multiple"]):
                 for writer, video in zip(writers, to_uint8(pixels, up)):
                     for frame in video:
                         writer.append_data(frame)
@@ -443,14 +456,15 @@ def main(argv: list[str]) -> None:
     init = read_init(own["init"], cfg, tf) if own["init"] else None
     chunks, switches = schedule(cfg, own, tf, 0 if init is None else 1 + (init.shape[1] - 1) // tf)
     weights, source = student_weights(cfg, own["ckpt"])
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(timedelta(days=7))  # the last barrier waits for the longest share
     if world > 1 and not own["batch"]:
         raise SystemExit("torchrun shares --prompt_file's prompts among the ranks; one video runs in one process")
     parts = Components(cfg, device)
     student = build_net(cfg.model_size, weights, device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
                         frozen=True)
     print(f"student: {source}")
-    if own["compile"]:  # the tensor part of each call, one graph per cache fill (WanModel.core)
+    if own["compile"]:  # the tensor part of each call: a graph per cache fill, prompt length bucket and batch size
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # fullgraph: else fatal
         student.core = torch.compile(student.core, fullgraph=True, dynamic=False)
     with torch.no_grad(), autocast(cfg, device):
         if own["batch"]:

@@ -78,8 +78,12 @@ def reward_weight(cfg: Config, x0: torch.Tensor, prompts: list[str], parts: Comp
 
 def intra_weight(cfg: Config, res) -> torch.Tensor:
     """Stream-R1's intra-perplexity weight W [B, F, 1, h, w] of a scored rollout (res: the reward model's result with
-    saliency [B, A, F, h, w] and z [B, A]): saliency fused across axes by z, then factored (weighting.py)."""
+    saliency [B, A, F, h, w] and z [B, A]): saliency fused across axes by z, then factored (weighting.py). A
+    non-finite saliency gives NaN weights: the loss is NaN and every rank skips the update (weighting.py would raise
+    on this rank alone, and the others would wait in their next collective)."""
     fused = weighting.fuse_saliency(res.saliency, res.z, temperature=cfg.temperature)
+    if not torch.isfinite(fused).all():
+        return torch.full_like(fused[:, :, None], math.nan)
     return weighting.intra_perplexity_weights(fused, spatial_floor=cfg.spatial_floor, temporal_floor=cfg.temporal_floor,
                                               spatial_strength=float(cfg.spatial), factorised=cfg.temporal)
 

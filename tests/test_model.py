@@ -339,6 +339,17 @@ def test_padding_rows_merge_into_one_row_with_log_count_bias():
         assert rel_err(a, b) <= 1e-6, f"chunk {c}: merged padding vs all {TEXT_LEN} rows: rel err {rel_err(a, b):.2e}"
 
 
+def test_the_padding_bias_reaches_attention_in_the_query_dtype(monkeypatch):
+    """bf16 q, k, v without autocast: the fp32 log-count bias is handed to SDPA as bf16 (a float mask of another dtype
+    than the query is misread by cuDNN's kernel and refused by the memory-efficient one)."""
+    masks, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, attn_mask=None: masks.append(attn_mask)
+                        or sdpa(*a, attn_mask=attn_mask))
+    q, k, v = (torch.randn(1, 4, 2, 8, dtype=torch.bfloat16) for _ in range(3))
+    attention(q, k, v, bias=torch.tensor([[0.0, 0.0, 0.0, math.log(5)]]))
+    assert masks[0].dtype == torch.bfloat16 and masks[0][0, -1] == torch.tensor(math.log(5), dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("cache_options", [dict(window_frames=9, sink_frames=3, ema_alpha=0.9), {}],
                          ids=["window9-sink3-ema", "global"])
 def test_streaming_path_equals_the_per_call_reference_over_42_chunks(cache_options):

@@ -4,6 +4,7 @@ reward scores), the Stream-R1 weight maps train.py renders, and bad flags failin
 import dataclasses
 import json
 import re
+import sys
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,6 +104,24 @@ def test_compile_flag_streams_through_one_compiled_graph_per_cache_fill_and_the_
     assert graphs == 6, f"{graphs} graphs for 5 chunks: want 2 per cache fill (pasts of 0, 3, 6 frames), then none"
     assert np.array_equal(iio.imread(tmp_path / "eager.mp4"), iio.imread(tmp_path / "compiled.mp4")), \
         "the compiled stream's frames differ from eager's"
+
+
+def test_compiled_prompt_switch_to_another_length_compiles_nothing_new(tmp_path, monkeypatch):
+    """--compile with a switch from a 6-row to a 4-row prompt: the rows are rounded up to COMPILED_ROWS (the toy's 8,
+    all of them) so the second prompt runs the same 6 graphs (else 2 more per length: with fullgraph, past dynamo's
+    recompile limit a stream dies), and the video equals eager's."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **options, backend="aot_eager"))
+    args = [f"--prompt={RED}", "--prompt=a blue circle", "--switch_at=0.6", "--frames=24", "--upscale=1",
+            f"--out_dir={tmp_path}"]
+    sample.main(args + [f"--out={tmp_path / 'eager.mp4'}"])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    sample.main(args + [f"--out={tmp_path / 'compiled.mp4'}", "--compile=true"])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 6, f"{graphs} graphs: want the 6 of one cache fill, none for the switch's prompt"
+    assert np.abs(iio.imread(tmp_path / "eager.mp4").astype(int) - iio.imread(tmp_path / "compiled.mp4")).max() <= 2
 
 
 def test_stream_attends_the_real_text_rows_and_one_merged_padding_row_as_all_rows(world):
@@ -287,7 +306,8 @@ def test_ranks_share_the_prompts_and_invalid_names_are_made_valid(world, tmp_pat
     """sample_batch as rank 0 and rank 1 of 2: each makes the videos of every other prompt, together all of them; a
     prompt with '/' is renamed, listed in index.json with its prompt and seed."""
     prompts = [RED, "a red circle moving left/right", BLUE]
-    own = {"prompt": prompts, "samples_per_prompt": 1, "video_dir": str(tmp_path), "upscale": 1, "score": False}
+    own = {"prompt": prompts, "samples_per_prompt": 1, "video_dir": str(tmp_path), "upscale": 1, "score": False,
+           "rows_multiple": 1}
     for rank in (0, 1):
         before = {p.name for p in tmp_path.glob("*.mp4")}
         sample.sample_batch(world.cfg, own, world.parts, world.student, 1, rank, 2)
@@ -366,6 +386,25 @@ def test_bad_flags_fail_before_any_network(args, message, tmp_path, monkeypatch)
         monkeypatch.setattr(sample, name, lambda *a, **k: pytest.fail("a network was built before the error"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         sample.main([a.format(**files) for a in args] + [f"--out_dir={tmp_path}"])
+
+
+def test_torchrun_batches_wait_days_for_the_longest_share(tmp_path, monkeypatch):
+    """Ranks' shares of a prompt file differ (and a rerun skips finished videos): the last barrier must outwait
+    NCCL's default 10 minutes."""
+    def stop(timeout):
+        raise SystemExit(f"timeout {timeout}")
+
+    monkeypatch.setattr(sample, "setup_distributed", stop)
+    with pytest.raises(SystemExit, match=re.escape("timeout 7 days, 0:00:00")):
+        sample.main([f"--prompt={RED}", f"--out_dir={tmp_path}"])
+
+
+def test_missing_ffmpeg_fails_before_any_network(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as where imageio-ffmpeg is not installed
+    for name in ("Components", "build_net"):
+        monkeypatch.setattr(sample, name, lambda *a, **k: pytest.fail("a network was built before the error"))
+    with pytest.raises(SystemExit, match="sample.py writes mp4 through imageio-ffmpeg's ffmpeg"):
+        sample.main([f"--prompt={RED}", f"--out_dir={tmp_path}"])
 
 
 # --------------------------------------------------------------------------------------------- weight maps

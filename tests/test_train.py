@@ -378,6 +378,34 @@ def test_non_finite_loss_skips_the_update_and_stops_when_it_repeats(tmp_path, mo
         "the critic still trains"
 
 
+def test_non_finite_saliency_skips_the_update_instead_of_stopping_one_rank(tmp_path, monkeypatch):
+    """A NaN saliency (bf16 reward gradients can overflow): NaN weights, so the loss is NaN and the update is skipped
+    as for any non-finite loss (every rank decides alike), not a ValueError on the rank that saw it."""
+    fuse = weighting.fuse_saliency
+    monkeypatch.setattr(weighting, "fuse_saliency", lambda *a, **k: fuse(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="2 consecutive generator updates skipped"):
+        train.main([f"--out_dir={tmp_path}", "--max_steps=5", "--max_bad_steps=2", *FAST, "--gen_every=1"])
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in logged] == [["generator"]], f"expected one logged skipped step, got {logged}"
+
+
+def test_process_group_binds_the_rank_gpu_first_and_waits_long_enough(monkeypatch):
+    """torchrun on CUDA: this rank's GPU is set before the NCCL group is made, and given to it with its index; the
+    collectives wait an hour (NCCL's default 10 min is less than rank 0 writing a Wan checkpoint alone)."""
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(config.dist, "init_process_group", lambda *a, **k: calls.append(("init", a, k)))
+    monkeypatch.setattr(config.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(config.dist, "get_world_size", lambda: 8)
+    cuda1 = torch.device("cuda", 1)
+    assert config.setup_distributed() == (1, 8, cuda1)
+    assert calls == [("set_device", cuda1), ("init", ("nccl",), {"timeout": config.timedelta(hours=1),
+                                                                 "device_id": cuda1})], calls
+
+
 def test_non_finite_gradient_skips_the_generator_step_and_critic_steps_do_not_hide_it(tmp_path, monkeypatch):
     """A finite loss whose backward gives NaN: no optimizer step (the student stays finite and unchanged), and the
     run stops after max_bad_steps generator updates in a row although the critic updates in between are fine."""
