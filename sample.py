@@ -5,7 +5,8 @@
     python sample.py --prompt A --prompt B --switch_at 2 --seconds 6 --out x.mp4     # prompt B from 2 s on
     python sample.py --init clip.mp4 --prompt A --seconds 4                         # continue a clip (or an image)
     python sample.py --prompt_file F --samples_per_prompt 5 --video_dir D --score=true   # D/{prompt}-{i}.mp4
-    python sample.py --compile=true ...                  # torch.compile the network (compiles for 2-3 chunks first)
+    python sample.py --compile=true ...                  # torch.compile the network, CUDA graphs on a GPU (compiles
+                                                         # for 2-3 chunks first)
     torchrun --nproc_per_node=8 sample.py --config ... --ckpt ... --prompt_file F ...   # each rank its share of F
 
 Frames are appended to the mp4 as each chunk is decoded, so memory stays bounded at any length in every mode: the cache
@@ -450,6 +451,15 @@ def print_score_means(video_dir: Path, videos: set[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- main
+def compile_core(student: WanModel, device: torch.device) -> None:
+    """--compile: the tensor part of each call (WanModel.core) compiled whole, a graph per cache fill, prompt length
+    bucket and batch size; on CUDA the graphs replay as CUDA graphs, without a launch per kernel (KVCache.write copies
+    the K/V out of the graphs' memory, which their next replay overwrites)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # fullgraph: else fatal
+    student.core = torch.compile(student.core, fullgraph=True, dynamic=False,
+                                 mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
 def main(argv: list[str]) -> None:
     cfg, own = parse(argv)
     tf = temporal_factor(cfg)
@@ -463,9 +473,8 @@ def main(argv: list[str]) -> None:
     student = build_net(cfg.model_size, weights, device, causal=True, chunk_frames=cfg.chunk_frames, cfg=cfg,
                         frozen=True)
     print(f"student: {source}")
-    if own["compile"]:  # the tensor part of each call: a graph per cache fill, prompt length bucket and batch size
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # fullgraph: else fatal
-        student.core = torch.compile(student.core, fullgraph=True, dynamic=False)
+    if own["compile"]:
+        compile_core(student, device)
     with torch.no_grad(), autocast(cfg, device):
         if own["batch"]:
             sample_batch(cfg, own, parts, student, chunks, rank, world)

@@ -100,7 +100,7 @@ def test_compile_flag_streams_through_one_compiled_graph_per_cache_fill_and_the_
     sample.main(args + [f"--out={tmp_path / 'compiled.mp4'}", "--compile=true"])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
-    assert calls == [("core", {"fullgraph": True, "dynamic": False})], f"torch.compile calls {calls}"
+    assert calls == [("core", {"fullgraph": True, "dynamic": False, "mode": "default"})], f"torch.compile calls {calls}"
     assert graphs == 6, f"{graphs} graphs for 5 chunks: want 2 per cache fill (pasts of 0, 3, 6 frames), then none"
     assert np.array_equal(iio.imread(tmp_path / "eager.mp4"), iio.imread(tmp_path / "compiled.mp4")), \
         "the compiled stream's frames differ from eager's"
@@ -122,6 +122,35 @@ def test_compiled_prompt_switch_to_another_length_compiles_nothing_new(tmp_path,
     torch._dynamo.reset()
     assert graphs == 6, f"{graphs} graphs: want the 6 of one cache fill, none for the switch's prompt"
     assert np.abs(iio.imread(tmp_path / "eager.mp4").astype(int) - iio.imread(tmp_path / "compiled.mp4")).max() <= 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_on_cuda_replays_cuda_graphs_and_streams_the_eager_video():
+    """--compile on CUDA (sample.compile_core): inductor with CUDA graphs, none skipped, recorded once the shapes
+    repeat; 8 chunks (the window full from the 3rd) equal eager's to float rounding carried by the re-noising. The
+    config as sample.parse builds it, without parse and main: the GPU machine has no ffmpeg for the mp4."""
+    cuda, cfg = torch.device("cuda"), config.load_config({"stage": "dmd", "weighting": "none"}, sampling=True)
+    student = config.build_net(cfg.model_size, cfg.student_path, cuda, causal=True, chunk_frames=cfg.chunk_frames,
+                               cfg=cfg, frozen=True)
+    parts = config.Components(cfg, cuda)
+    ctx = parts.context([RED])
+
+    def video():
+        with torch.no_grad():
+            return torch.cat(list(sample.stream(student, parts, cfg, [ctx], [], 8,
+                                                [torch.Generator(cuda).manual_seed(5)], rows_multiple=64)), 1)
+
+    want = video()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    sample.compile_core(student, cuda)
+    got = video()
+    inductor = dict(torch._dynamo.utils.counters["inductor"])
+    torch._dynamo.reset()
+    assert inductor.get("cudagraph_skips", 0) == 0 and inductor.get("cudagraph_recorded_non_static_inputs", 0) > 0, \
+        f"CUDA graphs skipped or never recorded: {inductor}"
+    assert (got - want).abs().max() <= 1e-2, f"compiled vs eager on CUDA: max |diff| {(got - want).abs().max():.2e}"
 
 
 def test_stream_attends_the_real_text_rows_and_one_merged_padding_row_as_all_rows(world):
