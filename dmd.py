@@ -19,7 +19,6 @@ NUM_TRAIN_TIMESTEPS = 1000  # t = 1000 * sigma (REFERENCE.md §1.3)
 STUDENT_STEPS = (1000, 750, 500, 250)  # denoising_step_list before warping (§1.4)
 STUDENT_SHIFT = 5.0  # generator shift (§1.3, §1.4)
 DMD_T_MIN, DMD_T_MAX = 20, 980  # clamp of the DMD / critic timestep, int(0.02 * 1000), int(0.98 * 1000) (§1.5)
-DMD_NORMALISER_EPS = 1e-12  # guards mean|x0 - x0_real| = 0 (x0 exactly the teacher's); ours, not published
 # The published trainers refresh the cache with add_noise(x0, eps, 0), which their nearest-grid lookup snaps to
 # the smallest shift-5 training-grid time 1000 * shift5(1/1000) ~= 4.98 (sigma ~= 0.005, §3.4). Inference refreshes
 # with the clean x0 (t = 0), our default everywhere (§10.15); pass this as refresh_t for the published variant.
@@ -221,8 +220,8 @@ def dmd_gradient(x0: Tensor, t: Tensor, noise: Tensor, teacher: WanModel, critic
 
     x_t = add_noise(x0, noise, t); x0_real = x0_uncond + w (x0_cond - x0_uncond) from the frozen teacher (w in Wan's
     form: Self-Forcing's guidance_scale 3.0 is w = 4); x0_fake from the critic (no guidance);
-    g = (x0_fake - x0_real) / mean_{F,C,H,W} |x0 - x0_real|, per sample, the normaliser clamped away from 0 and
-    non-finite values zeroed. No graph. x0, noise: [B, F, C, H, W]; t: [B] (or [B, F]); context [B, L, D];
+    g = (x0_fake - x0_real) / mean_{F,C,H,W} |x0 - x0_real|, per sample, non-finite values zeroed (so g = 0 for a
+    sample exactly the teacher's, normaliser 0, where Self-Forcing's nan_to_num gives +-3.4e38). No graph. x0, noise: [B, F, C, H, W]; t: [B] (or [B, F]); context [B, L, D];
     negative_context [B or 1, L', D]. Returns g like x0.
     """
     with torch.no_grad():
@@ -231,7 +230,7 @@ def dmd_gradient(x0: Tensor, t: Tensor, noise: Tensor, teacher: WanModel, critic
         x0_real = x0_from_flow(x_t, _cfg_flow(teacher, x_t, t, context, negative_context, guidance), t).double()
         x0_fake = x0_from_flow(x_t, critic(x_t, t, context), t).double()
         normaliser = (x0.double() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
-        g = ((x0_fake - x0_real) / normaliser.clamp_min(DMD_NORMALISER_EPS)).to(x0.dtype)
+        g = ((x0_fake - x0_real) / normaliser).to(x0.dtype)
         return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 

@@ -72,24 +72,30 @@ def test_dmd_timestep_sampler_is_shifted_uniform_clamped_to_20_980():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# exit step: identical on every rank
+# exit step and long-tuning window start: identical on every rank
+
+def _draws(seed: int) -> list[int]:
+    """8 exit steps from a generator seeded `seed`, then 8 window starts of a 21-frame rollout (global RNG, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return [dmd.sample_exit_step(4, "cpu", g) for _ in range(8)] + [dmd.sample_window_start(21, 12, 3, "cpu")
+                                                                    for _ in range(8)]
+
 
 def _exit_step_worker(rank: int, world: int, init_file: str, out_dir: str, seeds: list[int]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        g = torch.Generator().manual_seed(seeds[rank])
-        ks = [dmd.sample_exit_step(4, "cpu", g) for _ in range(8)]
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(",".join(map(str, ks)))
+            f.write(",".join(map(str, _draws(seeds[rank]))))
     finally:
         dist.destroy_process_group()
 
 
-def test_exit_step_identical_across_two_gloo_ranks(tmp_path):
+def test_exit_step_and_window_start_identical_across_two_gloo_ranks(tmp_path):
     seeds = [0, 1]
-    local = [[dmd.sample_exit_step(4, "cpu", g) for _ in range(8)]
-             for g in (torch.Generator().manual_seed(s) for s in seeds)]
-    assert local[0] != local[1], "precondition: the two ranks' own draws must differ for this test to mean anything"
+    local = [_draws(s) for s in seeds]
+    assert local[0][:8] != local[1][:8] and local[0][8:] != local[1][8:], \
+        "precondition: the two ranks' own draws must differ for this test to mean anything"
     procs = mp.start_processes(_exit_step_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), seeds), nprocs=2,
                                join=False, start_method="fork")  # fork: the children need not re-import torch
     deadline = time.monotonic() + 60
@@ -143,7 +149,7 @@ def test_dmd_gradient_matches_separate_cfg_calls_in_x0_space():
     assert g.shape == x0.shape and err < 1e-6, f"g differs from the two-call oracle by {err:.2e} (relative)"
 
 
-def test_dmd_gradient_normaliser_guard_keeps_g_finite():
+def test_dmd_gradient_is_zero_for_a_sample_exactly_the_teachers():
     x0 = torch.zeros(2, 3, 4, 2, 2)
     t = torch.tensor([500.0, 500.0])
     zero_net = lambda x, t, c: torch.zeros_like(x)  # noqa: E731 -- x0_real = x_t - s*0 = 0 = x0: normaliser exactly 0
@@ -151,8 +157,10 @@ def test_dmd_gradient_normaliser_guard_keeps_g_finite():
     g_same = dmd.dmd_gradient(x0, t, torch.zeros_like(x0), zero_net, zero_net, ctx, ctx, 4.0)
     assert torch.equal(g_same, torch.zeros_like(x0)), "x0 == x0_real == x0_fake must give g = 0"
     one_net = lambda x, t, c: torch.ones_like(x)  # noqa: E731 -- fake != real while the normaliser is 0
+    x0[1] = 1.0  # sample 1 differs from the teacher's x0_real = x_t = 0.5 x0 at t = 500
     g = dmd.dmd_gradient(x0, t, torch.zeros_like(x0), zero_net, one_net, ctx, ctx, 4.0)
-    assert torch.isfinite(g).all(), "g must stay finite when mean|x0 - x0_real| = 0"
+    assert torch.equal(g[0], torch.zeros_like(g[0])), "normaliser 0 (x0 exactly the teacher's): g must be 0"
+    assert torch.allclose(g[1], torch.full_like(g[1], -0.5 / 0.5)), "the other sample keeps its own normaliser"
 
 
 @pytest.mark.parametrize("weight_shape", ["none", "B", "BF1HW", "full"])
