@@ -159,10 +159,9 @@ def generate_chunk(student: WanModel, noise: Tensor, context: Tensor, cache: KVC
             x0 = x0_from_flow(x, student(x, t, context, cache=cache), t)
         if i < exit_step:
             x = add_noise(x0, _randn_like(x0, generator), _full_t(x0, steps[i + 1]))
-    with torch.no_grad():
-        clean = x0.detach()
-        t = _full_t(clean, refresh_t)
-        x_refresh = add_noise(clean, _randn_like(clean, generator), t) if refresh_t > 0 else clean
+    with torch.no_grad():  # no graph from x0 here, and the cache detaches what it stores
+        t = _full_t(x0, refresh_t)
+        x_refresh = add_noise(x0, _randn_like(x0, generator), t) if refresh_t > 0 else x0
         student(x_refresh, t, context, cache=cache, write_cache=True, kv_only=True)  # output unused
     return x0
 
