@@ -252,6 +252,20 @@ def test_saliency_is_z_gradient_norm_per_patch_in_position(rm, frames):
         assert torch.allclose(res.raw[:, k], raw[:, col].detach(), atol=1e-6)
 
 
+def test_saliency_reaches_the_latent_grid_by_trilinear_interpolation():
+    """§8.3: per-patch saliency to the latent grid, trilinear with align_corners=False, up (t, h) and down (w). Exact
+    on a linear map s = t + 10 h + 100 w: output index i of an axis reads source coordinate
+    clamp((i + 0.5) n_in / n_out - 0.5, 0, n_in - 1)."""
+    src, dst = (2, 3, 4), (3, 5, 2)
+    t, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in src), indexing="ij")
+    sal = (t + 10 * h + 100 * w).expand(2, 3, *src)  # [B, A, t, h', w']
+    ct, ch, cw = torch.meshgrid(*(((torch.arange(o) + 0.5) * n / o - 0.5).clamp(0, n - 1) for n, o in zip(src, dst)),
+                                indexing="ij")
+    got = reward.saliency_to_latent_grid(sal, dst)
+    assert got.shape == (2, 3, *dst) and torch.allclose(got, (ct + 10 * ch + 100 * cw).expand_as(got), atol=1e-4), \
+        f"latent-grid saliency {got[0, 0]}"
+
+
 def test_batch_saliency_equals_per_sample(rm, frames, scored):
     both = scored[0]
     for b in range(2):

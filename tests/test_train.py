@@ -1,6 +1,7 @@
 """train.py / sample.py end to end on the toy world: typed config and bad input, the EMA, clipping, gradient
 accumulation and the Re-DMD / critic wiring through the loop, checkpoints (keep-last-2, damaged ones skipped, a kill
 mid-write), resume == uninterrupted run and its config check, DDP / FSDP2 across two CPU processes, and sampling."""
+import dataclasses
 import functools
 import itertools
 import json
@@ -428,6 +429,18 @@ def test_non_finite_gradient_skips_the_generator_step_and_critic_steps_do_not_hi
 
 
 # --------------------------------------------------------------------------------------------- checkpoints, resume
+def test_a_resume_may_change_only_the_bookkeeping_fields():
+    """Issue 14's resume rule: max_steps, ckpt_every, sample_every, evaluate (and where the run lives, the
+    override itself, activation checkpointing, the bad-step limit) may change; a change of any other Config field
+    (weighting and its parameters, learning rates, shapes, seeds, networks, ...) is reported by config_changes,
+    which train.main refuses without allow_config_change."""
+    cfg = config.load_config([])
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    free = {k for k in config.FIELDS if not config.config_changes(cfg, {**saved, k: "another value"})}
+    assert free == {"max_steps", "ckpt_every", "sample_every", "evaluate", "out_dir", "allow_config_change",
+                    "grad_checkpointing", "max_bad_steps"}, f"fields a resume may change silently: {sorted(free)}"
+
+
 def test_resume_is_bit_exact(tmp_path, four_steps):
     """Stop after 2 steps, resume to 4 == one 4-step run: generator, EMA, critic, optimizer states, RNG, balancer."""
     train.main([f"--out_dir={tmp_path}", "--max_steps=2", "--ckpt_every=1", *FAST])
