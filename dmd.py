@@ -219,9 +219,10 @@ def dmd_gradient(x0: Tensor, t: Tensor, noise: Tensor, teacher: WanModel, critic
 
     x_t = add_noise(x0, noise, t); x0_real = x0_uncond + w (x0_cond - x0_uncond) from the frozen teacher (w in Wan's
     form: Self-Forcing's guidance_scale 3.0 is w = 4); x0_fake from the critic (no guidance);
-    g = (x0_fake - x0_real) / mean_{F,C,H,W} |x0 - x0_real|, per sample, non-finite values zeroed (so g = 0 for a
-    sample exactly the teacher's, normaliser 0, where Self-Forcing's nan_to_num gives +-3.4e38). No graph. x0, noise: [B, F, C, H, W]; t: [B] (or [B, F]); context [B, L, D];
-    negative_context [B or 1, L', D]. Returns g like x0.
+    g = (x0_fake - x0_real) / mean_{F,C,H,W} |x0 - x0_real|, per sample, non-finite values zeroed: g = 0 for a sample
+    exactly the teacher's (normaliser 0), where Self-Forcing's default nan_to_num gives the dtype's largest value.
+    No graph. x0, noise: [B, F, C, H, W]; t: [B] (or [B, F]); context [B, L, D]; negative_context [B or 1, L', D].
+    Returns g like x0.
     """
     with torch.no_grad():
         x0 = x0.detach()
