@@ -118,12 +118,13 @@ def toy_assets() -> tuple[list[str], str]:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a KVCache: self-attention K/V of every layer, the fp32 EMA-sink accumulator behind a
-    lower-precision sink (sink32), the rotated keys of relative mode (k_roped), the RoPE tables of the last geometry
-    (rope_memo) and the prompt's cross-attention K/V with the merged padding row's bias (one tensor for every layer)."""
+    """Bytes held by a KVCache: the self-attention K/V buffers of every layer (their whole capacity, the chunk's slot
+    included), the rotated keys of relative mode (k_attn), the fp32 EMA-sink accumulator behind a lower-precision
+    sink (sink32), the RoPE tables of the last geometry (rope_memo) and the prompt's cross-attention K/V with the
+    merged padding row's bias (one tensor for every layer)."""
     rope = [] if cache.rope_memo is None else [z for z in cache.rope_memo[1] if isinstance(z, torch.Tensor)]
-    tensors = [z for z in cache.k + cache.v + cache.k_roped if z is not None] + list(cache.sink32.values()) + rope + \
-        [z for kv in cache.cross_kv or [] for z in kv if z is not None]
+    tensors = [z for z in cache.k_buf + cache.v_buf + cache.k_attn if z is not None] + list(cache.sink32.values()) + \
+        rope + [z for kv in cache.cross_kv or [] for z in kv if z is not None]
     return sum(z.numel() * z.element_size() for z in {id(z): z for z in tensors}.values())
 
 
@@ -1189,17 +1190,15 @@ def stream_chunks(student: WanModel, parts: config.Components, ctx: torch.Tensor
     return latency, frames
 
 
-def compiled_when_full(core, cfg: config.Config, patch_size: tuple[int, int, int], mode: str):
+def compiled_when_full(core, cfg: config.Config, mode: str):
     """WanModel.core compiled as `sample.py --compile=true` compiles it (fullgraph, static shapes; `mode` "default" or
     "reduce-overhead" for CUDA graphs), used once the window is full and eager before: the steady state is 2 graphs
     (the denoising call and the refresh), where every cache fill would be 6, and a 30-block graph takes tens of seconds
     to compile (minutes of the GPU check for chunks no row's FPS counts)."""
     compiled = torch.compile(core, fullgraph=True, dynamic=False, mode=mode)
-    _, ph, pw = patch_size
 
     def call(x, t, ctx, cross, rope, past, write_cache, kv_only):
-        tokens = (cfg.window_frames - cfg.chunk_frames) * (x.shape[-2] // ph) * (x.shape[-1] // pw)
-        full = past is not None and past[0] is not None and past[0][0].shape[1] == tokens
+        full = past is not None and past[0] is not None and past[0][2] == cfg.window_frames - cfg.chunk_frames
         return (compiled if full else core)(x, t, ctx, cross, rope, past, write_cache, kv_only)
 
     return call
@@ -1285,7 +1284,7 @@ def gpu_fps(device: torch.device, cfg: config.Config, chunks: int = 20, warmup: 
         try:
             if mode != "eager":
                 torch._dynamo.reset()
-                student.core = compiled_when_full(eager_core, cfg, student.cfg.patch_size, mode)
+                student.core = compiled_when_full(eager_core, cfg, mode)
             for _ in range(1 if mode == "eager" else 2):
                 stream_chunks(student, parts, ctx, cfg, warmup, decode=True)
             for decode in (True, False):

@@ -198,13 +198,16 @@ class WanAttention(nn.Module):
     def heads(self, z: torch.Tensor) -> torch.Tensor:
         return z.unflatten(-1, (self.num_heads, -1))
 
-    def self_attention(self, x: torch.Tensor, rope: RopeTables, past: tuple[torch.Tensor, torch.Tensor] | None,
+    def self_attention(self, x: torch.Tensor, rope: RopeTables, past: tuple[torch.Tensor, torch.Tensor, int] | None,
                        chunk_tokens: int | None, kv_only: bool = False
                        ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, F, S, D] -> (out [B, F, S, D], (k, v) of these tokens [B, F*S, n, d] for the cache).
 
-        q = RoPE(RMS(W_q x)), k = RoPE(RMS(W_k x)), v = W_v x; keys/values = [past | new] (past from the cache, its
-        keys already rotated). kv_only: out is None, only (k, v) are computed (the cache refresh's last block).
+        q = RoPE(RMS(W_q x)), k = RoPE(RMS(W_k x)), v = W_v x; keys/values = [past | new]: past = (k, v, n), the
+        cache's buffers [B, frames, S, n, d] whose first n frames are the cached ones, keys already rotated
+        (KVCache.past). Without autograd the new K/V go into the slot behind them and attention reads the buffers;
+        with it, [past | new] is a new tensor of the graph. kv_only: out is None, only (k, v) are computed (the cache
+        refresh's last block).
         """
         nf, S = x.shape[1:3]
         x = x.flatten(1, 2)
@@ -215,7 +218,14 @@ class WanAttention(nn.Module):
         q = apply_rope(self.heads(self.norm_q(self.q(x))), rope.new)
         keys, values = k_roped, v
         if past is not None:
-            keys, values = torch.cat([past[0], k_roped], dim=1), torch.cat([past[1], v], dim=1)
+            past_k, past_v, n = past
+            if torch.is_grad_enabled():
+                keys, values = (torch.cat([p[:, :n].flatten(1, 2), z], dim=1) for p, z in ((past_k, k_roped),
+                                                                                              (past_v, v)))
+            else:
+                past_k[:, n:n + nf] = k_roped.unflatten(1, (nf, S))
+                past_v[:, n:n + nf] = v.unflatten(1, (nf, S))
+                keys, values = past_k[:, :n + nf].flatten(1, 2), past_v[:, :n + nf].flatten(1, 2)
         out = self.o(attention(q, keys, values, chunk_tokens)).unflatten(1, (nf, S))
         return out, (k_roped if rope.cache_roped else k, v)
 
@@ -354,6 +364,9 @@ class WanModel(nn.Module):
         rope = self.rope_for(nf, H // ph, W // pw, cache, x.device)
         ctx, cross = self.text_context(context, cache)
         past = [cache.past(i, rope.past) for i in range(len(self.blocks))] if cache else None
+        if past and past[0] and torch.is_grad_enabled():  # the buffers change in place after this call, and the
+            # backward may read the past again (a checkpointed block recomputes from its inputs): a snapshot
+            past = [(k[:, :n].clone(), v[:, :n].clone(), n) for k, v, n in past]
         # canonical strides, of size-1 dims too: a compiled core guards on them, and a chunk sliced from a clip (the
         # re-cache) would otherwise recompile the graph a generated chunk made
         x = x.clone(memory_format=torch.contiguous_format)
@@ -496,7 +509,12 @@ class KVCache:
     - rope="relative": K cached before RoPE, positions 0..n-1 over [sink | window | chunk] at attention time
       (Reward Forcing; with W=None these are the absolute positions). rope="absolute": K cached after RoPE at
       absolute frame positions (Self-Forcing / LongLive geometry), capped at 1024 frames.
-    Memory is bounded by W frames. Written K/V are detached: the cache never holds an autograd graph.
+    Storage: per layer, buffers [B, capacity, S_tok, heads, head_dim] allocated once (capacity W; grown by doubling
+    without a window) holding [sink | recent] in their first `length` frames and, behind them, a slot for the chunk:
+    without autograd a call writes its chunk's K/V into the slot and attention reads the buffers as they are (no
+    [past | chunk] concatenation, fixed addresses for CUDA graphs). k_buf holds the keys as cached, k_attn the keys
+    as attended (relative mode: k_buf rotated at 0..length-1 once per cache state; absolute: k_buf itself), v_buf
+    the values. Memory is bounded by W frames. Written K/V are detached: the cache never holds an autograd graph.
     """
 
     def __init__(self, num_layers: int, batch_size: int, chunk_frames: int, window_frames: int | None,
@@ -517,13 +535,24 @@ class KVCache:
                                  f"{window_frames}, sink={sink_frames}, chunk={chunk_frames}")
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
         self.window_frames, self.sink_frames, self.ema_alpha, self.rope = window_frames, sink_frames, ema_alpha, rope
-        self.frames_written = 0
+        self.frames_written, self.length = 0, 0  # frames ever written; frames cached now (sink + recent)
         self.tokens_per_frame = None
-        self.k, self.v = [None] * num_layers, [None] * num_layers  # [B, frames, S, heads, head_dim]: [sink | recent]
-        self.sink32 = {}  # ("k" | "v", layer): fp32 EMA-sink behind a lower-precision self.k / self.v sink
-        self.k_roped = [None] * num_layers  # relative mode: self.k rotated at 0..n-1, until the next write / rewind
+        self.k_buf, self.v_buf = [None] * num_layers, [None] * num_layers  # the buffers (class doc)
+        self.k_attn = self.k_buf if rope == "absolute" else [None] * num_layers
+        self.roped = [False] * num_layers  # relative mode: k_attn[:length] is k_buf rotated for this cache state
+        self.sink32 = {}  # ("k" | "v", layer): fp32 EMA-sink behind a lower-precision sink
         self.rope_memo = None  # (geometry key, RopeTables) of the last forward: WanModel.rope_for
         self.cross_context, self.cross_version, self.cross_kv = None, None, None  # cross_kv: per layer (k, v, bias)
+
+    @property
+    def k(self) -> list[torch.Tensor | None]:
+        """Cached keys per layer, as cached (before RoPE in relative mode): views [B, length, S, heads, head_dim]."""
+        return [None if b is None or not self.length else b[:, :self.length] for b in self.k_buf]
+
+    @property
+    def v(self) -> list[torch.Tensor | None]:
+        """Cached values per layer: views [B, length, S, heads, head_dim]."""
+        return [None if b is None or not self.length else b[:, :self.length] for b in self.v_buf]
 
     @property
     def sink_len(self) -> int:
@@ -532,31 +561,31 @@ class KVCache:
     @property
     def past_frames(self) -> int:
         """Cached frames the next chunk attends (sink + recent)."""
-        return 0 if self.k[0] is None else self.k[0].shape[1]
+        return self.length
 
-    def past(self, layer: int, rot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Cached (k, v) of a layer as token sequences [B, frames*S, heads, head_dim], or None when empty.
+    def past(self, layer: int, rot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(k_attn, v_buf, length) of a layer: the buffers [B, capacity, S, heads, head_dim] whose first `length`
+        frames attention reads and whose next chunk_frames frames are the chunk's slot; None when empty.
 
-        rot (relative mode, RopeTables.past): k is returned as apply_rope(k, rot), computed once per cache state and
-        kept in k_roped: the 4 denoising calls and the refresh of a chunk attend the same rotated keys.
+        rot (relative mode, RopeTables.past): k_attn[:length] = apply_rope(k_buf[:length], rot), computed once per
+        cache state: the 4 denoising calls and the refresh of a chunk attend the same rotated keys. In the cache's
+        dtype: with bf16 keys (bf16 parameters under autocast) attention reads them in bf16 anyway.
         """
-        if self.k[layer] is None:
+        if not self.length:
             return None
-        k = self.k[layer].flatten(1, 2)
-        if rot is not None:
-            if self.k_roped[layer] is None:  # in the cache's dtype: with bf16 keys (bf16 parameters under
-                # autocast) attention reads them in bf16 anyway, and an fp32 memo would triple the keys' memory
-                self.k_roped[layer] = apply_rope(k, rot).to(k.dtype)
-            k = self.k_roped[layer]
-        return k, self.v[layer].flatten(1, 2)
+        if rot is not None and not self.roped[layer]:
+            n, k = self.length, self.k_buf[layer]
+            self.k_attn[layer][:, :n] = apply_rope(k[:, :n].flatten(1, 2), rot).unflatten(1, (n, -1))
+            self.roped[layer] = True
+        return self.k_attn[layer], self.v_buf[layer], self.length
 
     def changed(self) -> None:
-        """Drop what was computed from the cached keys (k_roped): called whenever self.k changes."""
-        self.k_roped = [None] * len(self.k)
+        """Drop what was computed from the cached keys (k_attn in relative mode): called whenever k_buf changes."""
+        self.roped = [False] * len(self.k_buf)
 
     def next_chunk_frames(self) -> tuple[list[int], list[int]]:
         """(absolute frame indices, temporal RoPE positions) of the keys the next chunk attends, itself last."""
-        n_recent = self.past_frames - self.sink_len
+        n_recent = self.length - self.sink_len
         end = self.frames_written + self.chunk_frames
         frames = [*range(self.sink_len), *range(self.frames_written - n_recent, end)]
         return frames, frames if self.rope == "absolute" else list(range(len(frames)))
@@ -565,42 +594,58 @@ class KVCache:
         """Append a chunk's per-layer (k, v) [B, k*S, heads, head_dim], detached; then evict / EMA-fuse (class doc)."""
         self.tokens_per_frame = tokens_per_frame
         nf = kv[0][0].shape[1] // tokens_per_frame
+        n = self.length + nf
         keep = None if self.window_frames is None else self.window_frames - self.sink_frames - self.chunk_frames
         sink_after = min(self.frames_written + nf, self.sink_frames)
+        n_evict = 0 if keep is None else max(n - sink_after - keep, 0)
         for i, (k, v) in enumerate(kv):
-            k, v = (z.detach().unflatten(1, (nf, tokens_per_frame)) for z in (k, v))
-            # a copy also when empty: a compiled core's outputs may be overwritten by its next call (CUDA graphs)
-            self.k[i], self.v[i] = (z.clone() if old is None else torch.cat([old, z], dim=1)
-                                    for old, z in ((self.k[i], k), (self.v[i], v)))
-            n_evict = 0 if keep is None else self.k[i].shape[1] - sink_after - keep
-            if n_evict > 0:
-                self.k[i], self.v[i] = (self.evict(z, (name, i), sink_after, n_evict)
-                                        for name, z in (("k", self.k[i]), ("v", self.v[i])))
+            for name, bufs, z in (("k", self.k_buf, k), ("v", self.v_buf, v)):
+                buf = self.reserve(bufs, i, z.unflatten(1, (nf, tokens_per_frame)), n)
+                buf[:, self.length:n] = z.detach().unflatten(1, (nf, tokens_per_frame))
+                if n_evict:
+                    self.evict(buf[:, :n], (name, i), sink_after, n_evict)
+            if self.k_attn is not self.k_buf:
+                self.reserve(self.k_attn, i, self.k_buf[i], n)
+        self.length = n - n_evict
         self.frames_written += nf
         self.changed()
+
+    def reserve(self, bufs: list, layer: int, like: torch.Tensor, frames: int) -> torch.Tensor:
+        """bufs[layer] with room for `frames` frames and the next chunk's slot, allocated like `like` [B, f, ...] on
+        first use: W frames with a window, else grown by doubling (the cached frames copied over)."""
+        old, need = bufs[layer], self.window_frames or frames + self.chunk_frames
+        if old is not None and old.shape[1] >= need:
+            return old
+        capacity = need if old is None or self.window_frames else max(need, 2 * old.shape[1])
+        bufs[layer] = like.new_empty(like.shape[0], capacity, *like.shape[2:])
+        torch._dynamo.mark_static_address(bufs[layer])  # CUDA graphs read and write it in place (a new cache:
+        # the graphs are recorded again for its addresses, not recompiled)
+        if old is not None:
+            bufs[layer][:, :self.length] = old[:, :self.length]
+        return bufs[layer]
 
     def rewind(self, frames: int) -> None:
         """Drop the cached frames after the sink and set frames_written = `frames`, so that the frames from `frames` on
         are written again by write() (sample.py's re-cache at a prompt switch). `frames` is at most the oldest dropped
         frame (nothing dropped stays unwritten) and at least sink_len."""
-        sink, oldest = self.sink_len, self.frames_written - (self.past_frames - self.sink_len)
+        sink, oldest = self.sink_len, self.frames_written - (self.length - self.sink_len)
         if not sink <= frames <= oldest:
             raise ValueError(f"rewind to a frame in [sink_len={sink}, oldest cached non-sink frame={oldest}], "
                              f"got {frames}")
-        for i in range(len(self.k)):
-            self.k[i], self.v[i] = (z[:, :sink] if sink else None for z in (self.k[i], self.v[i]))
-        self.frames_written = frames
+        self.length, self.frames_written = sink, frames
         self.changed()
 
-    def evict(self, z: torch.Tensor, key: tuple[str, int], sink_len: int, n_evict: int) -> torch.Tensor:
-        """Drop the oldest n_evict non-sink frames of z [B, frames, ...]; EMA: sink = a*sink + (1-a)*evicted in fp32:
-        a bf16 sink would freeze (§10.26), so below fp32 the sink accumulates in sink32[key] and z holds it rounded."""
-        sink, evicted, recent = z[:, :sink_len], z[:, sink_len:sink_len + n_evict], z[:, sink_len + n_evict:]
-        if self.ema_alpha is not None:  # len(evicted) == len(sink): the geometry __init__ accepts (§10.3)
-            sink = self.ema_alpha * self.sink32.get(key, sink).float() + (1 - self.ema_alpha) * evicted.float()
-            if z.dtype != sink.dtype:
-                self.sink32[key], sink = sink, sink.to(z.dtype)
-        return torch.cat([sink, recent], dim=1)
+    def evict(self, z: torch.Tensor, key: tuple[str, int], sink_len: int, n_evict: int) -> None:
+        """In place on z [B, frames, ...]: drop the oldest n_evict non-sink frames, the rest moved up behind the sink;
+        EMA: sink = a*sink + (1-a)*evicted in fp32: a bf16 sink would freeze (§10.26), so below fp32 the sink
+        accumulates in sink32[key] and z holds it rounded."""
+        if self.ema_alpha is not None:  # n_evict == sink_len: the geometry __init__ accepts (§10.3)
+            sink, evicted = z[:, :sink_len], z[:, sink_len:sink_len + n_evict]
+            fused = self.ema_alpha * self.sink32.get(key, sink).float() + (1 - self.ema_alpha) * evicted.float()
+            if z.dtype != fused.dtype:
+                self.sink32[key] = fused
+            sink.copy_(fused)
+        z[:, sink_len:z.shape[1] - n_evict] = z[:, sink_len + n_evict:].clone()  # the two ranges may overlap
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -407,17 +407,16 @@ def test_compiled_when_full_compiles_only_the_full_window_calls(monkeypatch):
     every chunk from the third on, window 9 = 6 cached frames + the chunk), the earlier ones run eager."""
     cfg = tiny_config()
     pasts = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: pasts.append(a[5][0][0].shape[1]) or fn(*a))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: pasts.append(a[5][0][2]) or fn(*a))
     torch.manual_seed(0)
     net = WanModel(WanConfig(**TINY_DIT), causal=True, chunk_frames=cfg.chunk_frames).eval()
-    net.core = bench.compiled_when_full(net.core, cfg, net.cfg.patch_size, "default")
+    net.core = bench.compiled_when_full(net.core, cfg, "default")
     cache, ctx = net.new_cache(1, **cfg.cache_options()), torch.randn(1, 7, TINY_DIT["text_dim"])
     steps = bench.dmd.warped_steps(cfg.steps, cfg.shift)
     with torch.no_grad():
         for _ in range(5):
             bench.dmd.generate_chunk(net, torch.randn(1, cfg.chunk_frames, 16, 16, 16), ctx, cache, steps)
-    tokens = (cfg.window_frames - cfg.chunk_frames) * 8 * 8  # 16x16 latents, 2x2 patches
-    assert pasts == [tokens] * (3 * (len(steps) + 1)), pasts
+    assert pasts == [cfg.window_frames - cfg.chunk_frames] * (3 * (len(steps) + 1)), pasts  # cached frames
 
 
 def test_gpu_parts_run_on_the_cpu_at_tiny_shapes(plans, capsys, monkeypatch):

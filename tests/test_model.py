@@ -416,6 +416,67 @@ def test_rotated_keys_follow_every_write_and_rewind(student):
             student(x[:, 4:6], t[:, 4:6], ctx, cache=cache, write_cache=True)
 
 
+def test_read_only_calls_attend_the_buffers_in_place_at_fixed_addresses():
+    """Without autograd the chunk's K/V go into the slot behind the cached frames and attention reads the buffers:
+    once the rotated keys of a cache state exist, a read-only call materialises nothing the size of the cached K or V
+    (ffn_dim = dim, so no activation is that large; a [past | chunk] torch.cat would be). The buffers are allocated
+    by the first write and keep their addresses over 12 chunks of a window 9 / sink 3 / EMA-sink cache, marked as
+    static addresses for CUDA graphs (a graph writing into an input not so marked is refused its CUDA graph)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = (0, None)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            fresh = [z for z, r in zip(out if isinstance(out, (tuple, list)) else [out], func._schema.returns)
+                     if isinstance(z, torch.Tensor) and r.alias_info is None]  # not a view, not written in place
+            self.largest = max([self.largest, *((z.numel(), func) for z in fresh)], key=lambda n_f: n_f[0])
+            return out
+
+    net = randomize(WanModel(WanConfig(dim=24, ffn_dim=24, num_heads=2, num_layers=2, in_dim=LATENT_C,
+                                       out_dim=LATENT_C, text_dim=TEXT_DIM, text_len=TEXT_LEN, freq_dim=16),
+                             causal=True, chunk_frames=3), seed=3)
+    ctx = torch.randn(1, TEXT_LEN - 3, TEXT_DIM, generator=torch.Generator().manual_seed(8))
+    cache, addresses = net.new_cache(1, window_frames=9, sink_frames=3, ema_alpha=0.9), None
+    with torch.no_grad():
+        for c, (x, t) in enumerate(random_chunks(12, 3, seed=2, h=4, w=8)):
+            net(x, t, ctx, cache=cache)  # rotates the cached keys of this state
+            if c >= 3:
+                with LargestOutput() as seen:
+                    net(x, t, ctx, cache=cache)
+                past = x.shape[0] * cache.past_frames * (x.shape[-2] // 2) * (x.shape[-1] // 2) * net.cfg.dim
+                assert seen.largest[0] < past, f"chunk {c}: {seen.largest[1]} made a tensor of {seen.largest[0]} " \
+                    f"values, the size of the cached K or V ({past})"
+            net(x, torch.zeros_like(t), ctx, cache=cache, write_cache=True, kv_only=True)
+            buffers = cache.k_buf + cache.v_buf + cache.k_attn
+            addresses = addresses or [b.data_ptr() for b in buffers]
+            assert [b.data_ptr() for b in buffers] == addresses, f"chunk {c}: a buffer was reallocated"
+    assert all(getattr(b, "_dynamo_static_input_type", None) for b in buffers), "buffers not marked static"
+
+
+def test_checkpointed_gradients_of_a_streaming_call_survive_later_cache_writes():
+    """Training's pattern: calls with autograd read the cache, later chunks are written (the buffers change in place:
+    eviction, EMA-sink, rotated keys), then the backward. A checkpointed block recomputes from its inputs in the
+    backward, so the past it read must be its own copy: the gradients equal those without checkpointing."""
+    ctx = torch.randn(1, TEXT_LEN - 3, TEXT_DIM, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for ckpt in (False, True):
+        net = rf_student()
+        net.gradient_checkpointing = ckpt
+        cache, loss = net.new_cache(1, window_frames=6, sink_frames=3, ema_alpha=0.9), 0
+        for c, (x, t) in enumerate(random_chunks(6, 3, seed=3)):
+            if c in (2, 3):
+                loss = loss + net(x, t, ctx, cache=cache).square().mean()
+            with torch.no_grad():
+                net(x, torch.zeros_like(t), ctx, cache=cache, write_cache=True, kv_only=True)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert rel_err(grads[1], grads[0]) <= 1e-6, f"checkpointed grads differ by {rel_err(grads[1], grads[0]):.2e}"
+
+
 def test_prompt_changed_in_place_recomputes_cross_attention(student):
     """Reuse needs the same tensor object unchanged since (its version counter): an in-place edit of the prompt's
     context is a new prompt."""
@@ -452,9 +513,10 @@ def rf_student():
 def sub_cache(global_cache: KVCache, frames: list[int]) -> KVCache:
     """A global cache holding only the given frames: the oracle for what a window cache must attend."""
     sub = copy.deepcopy(global_cache)
-    sub.k = [k[:, frames] for k in sub.k]
-    sub.v = [v[:, frames] for v in sub.v]
-    sub.changed()
+    sub.rewind(0)
+    sub.write([(k[:, frames].flatten(1, 2), v[:, frames].flatten(1, 2)) for k, v in zip(global_cache.k, global_cache.v)],
+              global_cache.tokens_per_frame)
+    sub.frames_written = global_cache.frames_written  # absolute positions of the next chunk
     return sub
 
 
@@ -656,7 +718,7 @@ def stream_chunks(net, num_chunks, bf16, param_dtype=torch.float32, seed=0, **ca
             x, t = torch.randn(1, k, LATENT_C, 2, 4, generator=gen), torch.rand(1, k, generator=gen) * 1000
             outs.append(net(x, t, ctx, cache=cache, write_cache=True))
             if c in (0, num_chunks - 1):
-                sinks.append([z[:, :S].float() for z in cache.k + cache.v])
+                sinks.append([z[:, :S].float().clone() for z in cache.k + cache.v])  # views: the cache is in place
     return outs, sinks
 
 
