@@ -1195,7 +1195,7 @@ def compiled_when_full(core, cfg: config.Config, mode: str):
     "reduce-overhead" for CUDA graphs), used once the window is full and eager before: the steady state is 2 graphs
     (the denoising call and the refresh), where every cache fill would be 6, and a 30-block graph takes tens of seconds
     to compile (minutes of the GPU check for chunks no row's FPS counts)."""
-    compiled = torch.compile(core, fullgraph=True, dynamic=False, mode=mode)
+    compiled = sample.compiled_core(core, mode)
 
     def call(x, t, ctx, cross, rope, past, write_cache, kv_only):
         full = past is not None and past[0] is not None and past[0][2] == cfg.window_frames - cfg.chunk_frames

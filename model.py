@@ -512,7 +512,7 @@ class KVCache:
     Storage: per layer, buffers [B, capacity, S_tok, heads, head_dim] allocated once (capacity W; grown by doubling
     without a window) holding [sink | recent] in their first `length` frames and, behind them, a slot for the chunk:
     without autograd a call writes its chunk's K/V into the slot and attention reads the buffers as they are (no
-    [past | chunk] concatenation, fixed addresses for CUDA graphs). k_buf holds the keys as cached, k_attn the keys
+    [past | chunk] concatenation; fixed addresses, which CUDA graphs read in place: sample.compiled_core). k_buf holds the keys as cached, k_attn the keys
     as attended (relative mode: k_buf rotated at 0..length-1 once per cache state; absolute: k_buf itself), v_buf
     the values. Memory is bounded by W frames. Written K/V are detached: the cache never holds an autograd graph.
     """
@@ -618,8 +618,6 @@ class KVCache:
             return old
         capacity = need if old is None or self.window_frames else max(need, 2 * old.shape[1])
         bufs[layer] = like.new_empty(like.shape[0], capacity, *like.shape[2:])
-        torch._dynamo.mark_static_address(bufs[layer])  # CUDA graphs read and write it in place (a new cache:
-        # the graphs are recorded again for its addresses, not recompiled)
         if old is not None:
             bufs[layer][:, :self.length] = old[:, :self.length]
         return bufs[layer]

@@ -451,13 +451,28 @@ def print_score_means(video_dir: Path, videos: set[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- main
+def compiled_core(core, mode: str):
+    """WanModel.core compiled whole (fullgraph, static shapes; mode "reduce-overhead": CUDA graphs). Each call first
+    marks the cache's K/V buffers as static addresses: CUDA graphs then read them and write the chunk's slot in place,
+    instead of copying the past into the graph's memory on every replay (and a graph writing into an input not so
+    marked is refused its CUDA graph); a new cache's buffers make the graphs record again, not recompile."""
+    compiled = torch.compile(core, fullgraph=True, dynamic=False, mode=mode)
+
+    def call(x, t, ctx, cross, rope, past, write_cache, kv_only):
+        for k, v, _ in filter(None, past or []):
+            torch._dynamo.mark_static_address(k)
+            torch._dynamo.mark_static_address(v)
+        return compiled(x, t, ctx, cross, rope, past, write_cache, kv_only)
+
+    return call
+
+
 def compile_core(student: WanModel, device: torch.device) -> None:
     """--compile: the tensor part of each call (WanModel.core) compiled whole, a graph per cache fill, prompt length
     bucket and batch size; on CUDA the graphs replay as CUDA graphs, without a launch per kernel (KVCache.write copies
     the K/V out of the graphs' memory, which their next replay overwrites)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # fullgraph: else fatal
-    student.core = torch.compile(student.core, fullgraph=True, dynamic=False,
-                                 mode="reduce-overhead" if device.type == "cuda" else "default")
+    student.core = compiled_core(student.core, "reduce-overhead" if device.type == "cuda" else "default")
 
 
 def main(argv: list[str]) -> None:

@@ -420,8 +420,8 @@ def test_read_only_calls_attend_the_buffers_in_place_at_fixed_addresses():
     """Without autograd the chunk's K/V go into the slot behind the cached frames and attention reads the buffers:
     once the rotated keys of a cache state exist, a read-only call materialises nothing the size of the cached K or V
     (ffn_dim = dim, so no activation is that large; a [past | chunk] torch.cat would be). The buffers are allocated
-    by the first write and keep their addresses over 12 chunks of a window 9 / sink 3 / EMA-sink cache, marked as
-    static addresses for CUDA graphs (a graph writing into an input not so marked is refused its CUDA graph)."""
+    by the first write and keep their addresses over 12 chunks of a window 9 / sink 3 / EMA-sink cache (CUDA graphs
+    read them in place: sample.compiled_core)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class LargestOutput(TorchDispatchMode):
@@ -454,7 +454,6 @@ def test_read_only_calls_attend_the_buffers_in_place_at_fixed_addresses():
             buffers = cache.k_buf + cache.v_buf + cache.k_attn
             addresses = addresses or [b.data_ptr() for b in buffers]
             assert [b.data_ptr() for b in buffers] == addresses, f"chunk {c}: a buffer was reallocated"
-    assert all(getattr(b, "_dynamo_static_input_type", None) for b in buffers), "buffers not marked static"
 
 
 def test_checkpointed_gradients_of_a_streaming_call_survive_later_cache_writes():

@@ -84,13 +84,20 @@ def test_prompt_switch_streams_red_then_blue_and_never_loses_the_object(tmp_path
 
 def test_compile_flag_streams_through_one_compiled_graph_per_cache_fill_and_the_same_video(tmp_path, monkeypatch):
     """--compile=true compiles WanModel.core whole (fullgraph, static shapes) and streams the same frames as eager.
-    torch.compile is given the aot_eager backend here (inductor's C++ build takes minutes on 2 cores; the capture,
-    the guards and the graphs are dynamo's either way)."""
-    calls, real_compile = [], torch.compile
+    The cache's K/V buffers reach it marked as static addresses (CUDA graphs refuse a graph that writes into an input
+    not so marked: the chunk's slot). torch.compile is given the aot_eager backend here (inductor's C++ build takes
+    minutes on 2 cores; the capture, the guards and the graphs are dynamo's either way)."""
+    calls, marks, real_compile = [], [], torch.compile
 
     def compile_with_aot_eager(fn, **options):
         calls.append((fn.__name__, options))
-        return real_compile(fn, **options, backend="aot_eager")
+        compiled = real_compile(fn, **options, backend="aot_eager")
+
+        def call(*args):  # args[5]: per layer (k buffer, v buffer, cached frames) or None
+            marks.extend(getattr(z, "_dynamo_static_input_type", None) for p in args[5] or [] if p for z in p[:2])
+            return compiled(*args)
+
+        return call
 
     args = [f"--prompt={RED}", "--frames=15", "--upscale=1", f"--out_dir={tmp_path}"]
     sample.main(args + [f"--out={tmp_path / 'eager.mp4'}"])
@@ -101,6 +108,7 @@ def test_compile_flag_streams_through_one_compiled_graph_per_cache_fill_and_the_
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert calls == [("core", {"fullgraph": True, "dynamic": False, "mode": "default"})], f"torch.compile calls {calls}"
+    assert marks and set(marks) == {"unguarded"}, f"cache buffers reached the compiled core marked {set(marks)}"
     assert graphs == 6, f"{graphs} graphs for 5 chunks: want 2 per cache fill (pasts of 0, 3, 6 frames), then none"
     assert np.array_equal(iio.imread(tmp_path / "eager.mp4"), iio.imread(tmp_path / "compiled.mp4")), \
         "the compiled stream's frames differ from eager's"
