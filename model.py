@@ -364,8 +364,9 @@ class WanModel(nn.Module):
         rope = self.rope_for(nf, H // ph, W // pw, cache, x.device)
         ctx, cross = self.text_context(context, cache)
         past = [cache.past(i, rope.past) for i in range(len(self.blocks))] if cache else None
-        if past and past[0] and torch.is_grad_enabled():  # the buffers change in place after this call, and the
-            # backward may read the past again (a checkpointed block recomputes from its inputs): a snapshot
+        if past and past[0] and torch.is_grad_enabled():
+            # the buffers change in place after this call, and the backward may read the past again (a checkpointed
+            # block recomputes from its inputs): the graph gets a copy
             past = [(k[:, :n].clone(), v[:, :n].clone(), n) for k, v, n in past]
         # canonical strides, of size-1 dims too: a compiled core guards on them, and a chunk sliced from a clip (the
         # re-cache) would otherwise recompile the graph a generated chunk made
@@ -512,9 +513,10 @@ class KVCache:
     Storage: per layer, buffers [B, capacity, S_tok, heads, head_dim] allocated once (capacity W; grown by doubling
     without a window) holding [sink | recent] in their first `length` frames and, behind them, a slot for the chunk:
     without autograd a call writes its chunk's K/V into the slot and attention reads the buffers as they are (no
-    [past | chunk] concatenation; fixed addresses, which CUDA graphs read in place: sample.compiled_core). k_buf holds the keys as cached, k_attn the keys
-    as attended (relative mode: k_buf rotated at 0..length-1 once per cache state; absolute: k_buf itself), v_buf
-    the values. Memory is bounded by W frames. Written K/V are detached: the cache never holds an autograd graph.
+    [past | chunk] concatenation; fixed addresses, which CUDA graphs read in place: sample.compiled_core). k_buf
+    holds the keys as cached, k_attn the keys as attended (relative mode: k_buf rotated at 0..length-1 once per cache
+    state; absolute: k_buf itself), v_buf the values. Memory is bounded by W frames. Written K/V are detached: the
+    cache never holds an autograd graph.
     """
 
     def __init__(self, num_layers: int, batch_size: int, chunk_frames: int, window_frames: int | None,
@@ -600,8 +602,9 @@ class KVCache:
         n_evict = 0 if keep is None else max(n - sink_after - keep, 0)
         for i, (k, v) in enumerate(kv):
             for name, bufs, z in (("k", self.k_buf, k), ("v", self.v_buf, v)):
-                buf = self.reserve(bufs, i, z.unflatten(1, (nf, tokens_per_frame)), n)
-                buf[:, self.length:n] = z.detach().unflatten(1, (nf, tokens_per_frame))
+                z = z.detach().unflatten(1, (nf, tokens_per_frame))
+                buf = self.reserve(bufs, i, z, n)
+                buf[:, self.length:n] = z
                 if n_evict:
                     self.evict(buf[:, :n], (name, i), sink_after, n_evict)
             if self.k_attn is not self.k_buf:

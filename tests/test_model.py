@@ -513,8 +513,8 @@ def sub_cache(global_cache: KVCache, frames: list[int]) -> KVCache:
     """A global cache holding only the given frames: the oracle for what a window cache must attend."""
     sub = copy.deepcopy(global_cache)
     sub.rewind(0)
-    sub.write([(k[:, frames].flatten(1, 2), v[:, frames].flatten(1, 2)) for k, v in zip(global_cache.k, global_cache.v)],
-              global_cache.tokens_per_frame)
+    kept = [(k[:, frames].flatten(1, 2), v[:, frames].flatten(1, 2)) for k, v in zip(global_cache.k, global_cache.v)]
+    sub.write(kept, global_cache.tokens_per_frame)
     sub.frames_written = global_cache.frames_written  # absolute positions of the next chunk
     return sub
 
