@@ -398,8 +398,8 @@ def test_compiled_core_is_one_graph_per_cache_fill_and_equals_eager():
 
 
 def test_rotated_keys_follow_every_write_and_rewind(student):
-    """k_roped is a memo of the cache state: after a write or a rewind (sample.py's prompt switch) the next call sees
-    the new keys, as a fresh copy of the cache without the memo does."""
+    """The rotated keys (k_attn) are a memo of the cache state: after a write or a rewind (sample.py's prompt switch)
+    the next call sees the new keys, as a fresh copy of the cache without the memo does."""
     x, t, ctx = inputs(frames=8)
     cache = student.new_cache(2, window_frames=6, sink_frames=2)
     with torch.no_grad():
