@@ -511,12 +511,12 @@ class KVCache:
       (Reward Forcing; with W=None these are the absolute positions). rope="absolute": K cached after RoPE at
       absolute frame positions (Self-Forcing / LongLive geometry), capped at 1024 frames.
     Storage: per layer, buffers [B, capacity, S_tok, heads, head_dim] allocated once (capacity W; grown by doubling
-    without a window) holding [sink | recent] in their first `length` frames and, behind them, a slot for the chunk:
-    without autograd a call writes its chunk's K/V into the slot and attention reads the buffers as they are (no
-    [past | chunk] concatenation; fixed addresses, which CUDA graphs read in place: sample.compiled_core). k_buf
-    holds the keys as cached, k_attn the keys as attended (relative mode: k_buf rotated at 0..length-1 once per cache
-    state; absolute: k_buf itself), v_buf the values. Memory is bounded by W frames. Written K/V are detached: the
-    cache never holds an autograd graph.
+    without a window) holding [sink | recent] in their first `past_frames` frames and, behind them, a slot for the
+    chunk: without autograd a call writes its chunk's K/V into the slot and attention reads the buffers as they are
+    (no [past | chunk] concatenation; fixed addresses, which CUDA graphs read in place: sample.compiled_core). k_buf
+    holds the keys as cached, k_attn the keys as attended (relative mode: k_buf rotated at 0..past_frames-1 once per
+    cache state; absolute: k_buf itself), v_buf the values. Memory is bounded by W frames. Written K/V are detached:
+    the cache never holds an autograd graph.
     """
 
     def __init__(self, num_layers: int, batch_size: int, chunk_frames: int, window_frames: int | None,
@@ -537,49 +537,45 @@ class KVCache:
                                  f"{window_frames}, sink={sink_frames}, chunk={chunk_frames}")
         self.batch_size, self.chunk_frames = batch_size, chunk_frames
         self.window_frames, self.sink_frames, self.ema_alpha, self.rope = window_frames, sink_frames, ema_alpha, rope
-        self.frames_written, self.length = 0, 0  # frames ever written; frames cached now (sink + recent)
+        self.frames_written = 0  # frames ever written
+        self.past_frames = 0  # frames cached now, the ones the next chunk attends (sink + recent)
         self.tokens_per_frame = None
         self.k_buf, self.v_buf = [None] * num_layers, [None] * num_layers  # the buffers (class doc)
         self.k_attn = self.k_buf if rope == "absolute" else [None] * num_layers
-        self.roped = [False] * num_layers  # relative mode: k_attn[:length] is k_buf rotated for this cache state
+        self.roped = [False] * num_layers  # relative mode: k_attn[:past_frames] is k_buf rotated for this cache state
         self.sink32 = {}  # ("k" | "v", layer): fp32 EMA-sink behind a lower-precision sink
         self.rope_memo = None  # (geometry key, RopeTables) of the last forward: WanModel.rope_for
         self.cross_context, self.cross_version, self.cross_kv = None, None, None  # cross_kv: per layer (k, v, bias)
 
     @property
     def k(self) -> list[torch.Tensor | None]:
-        """Cached keys per layer, as cached (before RoPE in relative mode): views [B, length, S, heads, head_dim]."""
-        return [None if b is None or not self.length else b[:, :self.length] for b in self.k_buf]
+        """Cached keys per layer, as cached (before RoPE in relative mode): views [B, past_frames, S, heads, d]."""
+        return [None if b is None or not self.past_frames else b[:, :self.past_frames] for b in self.k_buf]
 
     @property
     def v(self) -> list[torch.Tensor | None]:
-        """Cached values per layer: views [B, length, S, heads, head_dim]."""
-        return [None if b is None or not self.length else b[:, :self.length] for b in self.v_buf]
+        """Cached values per layer: views [B, past_frames, S, heads, head_dim]."""
+        return [None if b is None or not self.past_frames else b[:, :self.past_frames] for b in self.v_buf]
 
     @property
     def sink_len(self) -> int:
         return min(self.frames_written, self.sink_frames)
 
-    @property
-    def past_frames(self) -> int:
-        """Cached frames the next chunk attends (sink + recent)."""
-        return self.length
-
     def past(self, layer: int, rot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(k_attn, v_buf, length) of a layer: the buffers [B, capacity, S, heads, head_dim] whose first `length`
+        """(k_attn, v_buf, n = past_frames) of a layer: the buffers [B, capacity, S, heads, head_dim] whose first n
         frames attention reads and whose next chunk_frames frames are the chunk's slot; None when empty.
 
-        rot (relative mode, RopeTables.past): k_attn[:length] = apply_rope(k_buf[:length], rot), computed once per
+        rot (relative mode, RopeTables.past): k_attn[:n] = apply_rope(k_buf[:n], rot), computed once per
         cache state: the 4 denoising calls and the refresh of a chunk attend the same rotated keys. In the cache's
         dtype: with bf16 keys (bf16 parameters under autocast) attention reads them in bf16 anyway.
         """
-        if not self.length:
+        if not self.past_frames:
             return None
         if rot is not None and not self.roped[layer]:
-            n, k = self.length, self.k_buf[layer]
+            n, k = self.past_frames, self.k_buf[layer]
             self.k_attn[layer][:, :n] = apply_rope(k[:, :n].flatten(1, 2), rot).unflatten(1, (n, -1))
             self.roped[layer] = True
-        return self.k_attn[layer], self.v_buf[layer], self.length
+        return self.k_attn[layer], self.v_buf[layer], self.past_frames
 
     def changed(self) -> None:
         """Drop what was computed from the cached keys (k_attn in relative mode): called whenever k_buf changes."""
@@ -587,7 +583,7 @@ class KVCache:
 
     def next_chunk_frames(self) -> tuple[list[int], list[int]]:
         """(absolute frame indices, temporal RoPE positions) of the keys the next chunk attends, itself last."""
-        n_recent = self.length - self.sink_len
+        n_recent = self.past_frames - self.sink_len
         end = self.frames_written + self.chunk_frames
         frames = [*range(self.sink_len), *range(self.frames_written - n_recent, end)]
         return frames, frames if self.rope == "absolute" else list(range(len(frames)))
@@ -596,7 +592,7 @@ class KVCache:
         """Append a chunk's per-layer (k, v) [B, k*S, heads, head_dim], detached; then evict / EMA-fuse (class doc)."""
         self.tokens_per_frame = tokens_per_frame
         nf = kv[0][0].shape[1] // tokens_per_frame
-        n = self.length + nf
+        n = self.past_frames + nf
         keep = None if self.window_frames is None else self.window_frames - self.sink_frames - self.chunk_frames
         sink_after = min(self.frames_written + nf, self.sink_frames)
         n_evict = 0 if keep is None else max(n - sink_after - keep, 0)
@@ -604,12 +600,12 @@ class KVCache:
             for name, bufs, z in (("k", self.k_buf, k), ("v", self.v_buf, v)):
                 z = z.detach().unflatten(1, (nf, tokens_per_frame))
                 buf = self.reserve(bufs, i, z, n)
-                buf[:, self.length:n] = z
+                buf[:, self.past_frames:n] = z
                 if n_evict:
                     self.evict(buf[:, :n], (name, i), sink_after, n_evict)
             if self.k_attn is not self.k_buf:
                 self.reserve(self.k_attn, i, self.k_buf[i], n)
-        self.length = n - n_evict
+        self.past_frames = n - n_evict
         self.frames_written += nf
         self.changed()
 
@@ -622,18 +618,18 @@ class KVCache:
         capacity = need if old is None or self.window_frames else max(need, 2 * old.shape[1])
         bufs[layer] = like.new_empty(like.shape[0], capacity, *like.shape[2:])
         if old is not None:
-            bufs[layer][:, :self.length] = old[:, :self.length]
+            bufs[layer][:, :self.past_frames] = old[:, :self.past_frames]
         return bufs[layer]
 
     def rewind(self, frames: int) -> None:
         """Drop the cached frames after the sink and set frames_written = `frames`, so that the frames from `frames` on
         are written again by write() (sample.py's re-cache at a prompt switch). `frames` is at most the oldest dropped
         frame (nothing dropped stays unwritten) and at least sink_len."""
-        sink, oldest = self.sink_len, self.frames_written - (self.length - self.sink_len)
+        sink, oldest = self.sink_len, self.frames_written - (self.past_frames - self.sink_len)
         if not sink <= frames <= oldest:
             raise ValueError(f"rewind to a frame in [sink_len={sink}, oldest cached non-sink frame={oldest}], "
                              f"got {frames}")
-        self.length, self.frames_written = sink, frames
+        self.past_frames, self.frames_written = sink, frames
         self.changed()
 
     def evict(self, z: torch.Tensor, key: tuple[str, int], sink_len: int, n_evict: int) -> None:
